@@ -1,0 +1,290 @@
+"""The public entry points. The CLI and (later) the service are thin shells over these.
+
+>>> from safelatent import api
+>>> pipe = api.load("path/to/sd15.safetensors")                       # doctest: +SKIP
+>>> result = pipe.generate("a lighthouse at dusk", sld="medium", seed=1)  # doctest: +SKIP
+>>> result.save("outputs/")                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import __version__
+from .errors import InvalidArgumentError
+from .models.components import StableDiffusionComponents
+from .sampling.conditioning import build_conditioning
+from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
+from .sampling.loop import StepCallback, decode_latents, sample
+from .sampling.schedulers import make_scheduler, sampler_label, scheduler_name
+from .sampling.sld_presets import DEFAULT_SAFETY_CONCEPT, SLDConfig, get_sld_preset
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything needed to reproduce a call (and what goes into PNG parameters and sidecars)."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None
+    num_images_per_prompt: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str
+    sampler: str
+    seed: int | None
+    width: int
+    height: int
+    eta: float
+    sld: dict[str, Any] | None
+    model: str
+    model_hash: str
+    architecture: str
+    safelatent_version: str = __version__
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    """Images (PIL, in prompt-major order) and the settings that made them."""
+
+    images: list[Image.Image]
+    settings: GenerationSettings
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    #: float images in [0, 1], ``[N, H, W, 3]``, before uint8 rounding (only with ``return_pixels``)
+    pixels: np.ndarray | None = None
+
+    def prompt_of(self, index: int) -> str:
+        return self.settings.prompts[index // self.settings.num_images_per_prompt]
+
+    def negative_prompt_of(self, index: int) -> str | None:
+        negatives = self.settings.negative_prompts
+        return None if negatives is None else negatives[index // self.settings.num_images_per_prompt]
+
+    def save(self, out_dir: str | Path) -> list[Path]:
+        """Write each image as PNG (with A1111-style ``parameters``) plus a JSON sidecar."""
+        from .output import save_result
+
+        return save_result(self, out_dir)
+
+
+def _as_list(value: str | Sequence[str], what: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    values = list(value)
+    if not values or not all(isinstance(v, str) for v in values):
+        raise InvalidArgumentError(f"{what} must be a string or a non-empty list of strings")
+    return values
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load(
+    model: str | Path | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    config_dir: str | Path | None = None,
+) -> Pipeline:
+    """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file).
+
+    Nothing is downloaded. ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
+    float32 on the CPU.
+    """
+    from .models.loading import load_components
+
+    if model is None:
+        raise InvalidArgumentError(
+            "no model given", "pass --model PATH to a diffusers folder or a .safetensors checkpoint"
+        )
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    components = load_components(model, device=device, dtype=dtype, config_dir=config_dir)
+    return Pipeline(components)
+
+
+class Pipeline:
+    """Text-to-image generation over loaded components, with CFG or Safe Latent Diffusion."""
+
+    def __init__(self, components: StableDiffusionComponents) -> None:
+        self.components = components
+
+    @property
+    def default_size(self) -> int:
+        c = self.components
+        return int(c.unet.config.sample_size) * c.vae_scale_factor
+
+    def _guidance(self, guidance_scale: float, sld: str | SLDConfig | None, concept: str | None) -> Guidance:
+        config = get_sld_preset(sld) if isinstance(sld, str) else sld
+        if config is not None:
+            if guidance_scale <= 1.0:
+                raise InvalidArgumentError(
+                    f"SLD needs classifier-free guidance, but the CFG scale is {guidance_scale}",
+                    "use a CFG scale above 1 (default 7.5) or --sld off",
+                )
+            return SafeLatentGuidance(guidance_scale, config, concept or DEFAULT_SAFETY_CONCEPT)
+        if concept is not None:
+            raise InvalidArgumentError(
+                "a safety concept was given but SLD is off", "add --sld medium (or another)"
+            )
+        if guidance_scale > 1.0:
+            return ClassifierFreeGuidance(guidance_scale)
+        return NoGuidance()
+
+    def _validate(
+        self, width: int, height: int, steps: int, n: int, guidance_scale: float, eta: float
+    ) -> None:
+        factor = self.components.vae_scale_factor
+        for name, value in (("width", width), ("height", height)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise InvalidArgumentError(
+                    f"{name} must be a positive multiple of {factor}, got {value!r}",
+                    f"try {max(factor, round(value / factor) * factor) if isinstance(value, int) else 512}",
+                )
+            if value > 8192:
+                raise InvalidArgumentError(f"{name} {value} is larger than 8192 pixels", "use a smaller size")
+        if not 1 <= steps <= 1000:
+            raise InvalidArgumentError(f"steps must be between 1 and 1000, got {steps}")
+        if not 1 <= n <= 256:
+            raise InvalidArgumentError(f"images per prompt must be between 1 and 256, got {n}")
+        if not np.isfinite(guidance_scale) or guidance_scale < 0:
+            raise InvalidArgumentError(f"CFG scale must be a finite number ≥ 0, got {guidance_scale}")
+        if not 0.0 <= eta <= 1.0:
+            raise InvalidArgumentError(f"eta must be in [0, 1], got {eta}")
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        *,
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images_per_prompt: int = 1,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler: str | None = None,
+        sld: str | SLDConfig | None = None,
+        safety_concept: str | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        eta: float = 0.0,
+        latents: torch.Tensor | None = None,
+        callback: StepCallback | None = None,
+        progress: bool = False,
+        return_pixels: bool = False,
+    ) -> GenerationResult:
+        """Generate ``len(prompts) × num_images_per_prompt`` images.
+
+        Defaults follow diffusers' ``StableDiffusionPipeline``: 50 steps, CFG 7.5, the model's own
+        scheduler, size ``unet.sample_size × 8``. ``seed`` seeds one CPU ``torch.Generator`` for the
+        whole call (a random seed is drawn and recorded if neither ``seed`` nor ``generator`` is given).
+        ``sld`` is a preset name (``weak``, ``weak-diffusers``, ``medium``, ``strong``, ``max``,
+        ``off``) or an :class:`SLDConfig`. ``return_pixels`` keeps the float images (before uint8
+        rounding) in ``result.pixels``.
+        """
+        started = time.perf_counter()
+        c = self.components
+        prompts = _as_list(prompt, "prompt")
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative prompt")
+        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        if negatives is not None and len(negatives) != len(prompts):
+            raise InvalidArgumentError(
+                f"{len(negatives)} negative prompts for {len(prompts)} prompts", "give one, or one per prompt"
+            )
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        self._validate(width, height, num_inference_steps, num_images_per_prompt, guidance_scale, eta)
+        guidance = self._guidance(guidance_scale, sld, safety_concept)
+        if negatives is not None and not guidance.needs_uncond:
+            raise InvalidArgumentError(
+                "a negative prompt needs classifier-free guidance", "use a CFG scale above 1"
+            )
+        if generator is None:
+            if seed is None:
+                seed = secrets.randbelow(2**32)
+            if not 0 <= seed <= MAX_SEED:
+                raise InvalidArgumentError(f"seed must be between 0 and {MAX_SEED}, got {seed}")
+            generator = torch.Generator("cpu").manual_seed(seed)
+        sampler = make_scheduler(scheduler, c.scheduler)
+        conditioning = build_conditioning(
+            c.tokenizer,
+            c.text_encoder,
+            prompts,
+            negative_prompts=negatives,
+            concepts=guidance.concepts,
+            needs_uncond=guidance.needs_uncond,
+            num_images_per_prompt=num_images_per_prompt,
+        )
+        factor = c.vae_scale_factor
+        shape = (
+            len(prompts) * num_images_per_prompt,
+            c.unet.config.in_channels,
+            height // factor,
+            width // factor,
+        )
+        final = sample(
+            c.unet,
+            sampler,
+            conditioning,
+            guidance,
+            num_inference_steps=num_inference_steps,
+            latent_shape=shape,
+            latents=latents,
+            generator=generator,
+            eta=eta,
+            callback=callback,
+            progress=progress,
+        )
+        pixels = decode_latents(c.vae, final)
+        images = [Image.fromarray(array) for array in to_uint8(pixels)]
+        description = guidance.describe()
+        settings = GenerationSettings(
+            prompts=tuple(prompts),
+            negative_prompts=None if negatives is None else tuple(negatives),
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler_name(sampler),
+            sampler=sampler_label(sampler),
+            seed=seed,
+            width=width,
+            height=height,
+            eta=eta,
+            sld=(
+                {**description, "sld_warmup_resolved": guidance.config.resolve_warmup(num_inference_steps)}
+                if isinstance(guidance, SafeLatentGuidance)
+                else None
+            ),
+            model=c.source,
+            model_hash=c.model_hash,
+            architecture=c.architecture,
+        )
+        return GenerationResult(
+            images=images,
+            settings=settings,
+            warnings=list(conditioning.truncated),
+            seconds=time.perf_counter() - started,
+            pixels=pixels.numpy() if return_pixels else None,
+        )
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """``[N, H, W, 3]`` floats in ``[0, 1]`` → uint8, rounding as diffusers' ``numpy_to_pil`` does."""
+    return (pixels.numpy() * 255).round().astype("uint8")

@@ -1,0 +1,211 @@
+"""The ``safelatent`` command line: a thin shell over :mod:`safelatent.api`.
+
+User errors (:class:`~safelatent.errors.SafelatentError`) print one line and exit with status 2; no
+traceback (``SAFELATENT_DEBUG=1`` shows it). Usage errors (bad option values) are typer's, status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from contextlib import nullcontext
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import InvalidArgumentError, SafelatentError
+from .sampling.schedulers import SCHEDULERS
+from .sampling.sld_presets import SLD_CHOICES
+
+app = typer.Typer(
+    name="safelatent",
+    help="Stable Diffusion with safety guidance (SLD), adapters and measurement — fully offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+SLDChoice = Enum("SLDChoice", {name.replace("-", "_"): name for name in SLD_CHOICES}, type=str)
+SchedulerChoice = Enum(
+    "SchedulerChoice", {n.replace("-", "_").replace("+", "p"): n for n in SCHEDULERS}, type=str
+)
+
+
+class DeviceChoice(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DtypeChoice(StrEnum):
+    auto = "auto"
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+def _parse_warmup(text: str | None) -> int | float | None:
+    """``10`` → 10 steps; ``0.2`` → 20 % of the steps."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--sld-warmup {text!r} is neither a step count nor a fraction", "e.g. --sld-warmup 10 or 0.2"
+        ) from None
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgumentError(f"--sld-warmup fraction {value} is outside [0, 1]")
+    return value
+
+
+def _dtype(choice: DtypeChoice):
+    import torch
+
+    return {
+        DtypeChoice.auto: None,
+        DtypeChoice.fp32: torch.float32,
+        DtypeChoice.fp16: torch.float16,
+        DtypeChoice.bf16: torch.bfloat16,
+    }[choice]
+
+
+def user_errors(command):
+    """Turn :class:`SafelatentError` into one red line and exit status 2 (no traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SafelatentError as error:
+            if os.environ.get("SAFELATENT_DEBUG"):
+                raise
+            err.print(f"[red]error:[/] {error}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What to generate.")],
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model", "-m", help="Local diffusers folder or .safetensors/.ckpt file (never downloaded)."
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Diffusers-layout config folder for a single-file checkpoint whose shapes differ from the"
+            " shipped SD 1.5 configs.",
+        ),
+    ] = None,
+    sld: Annotated[
+        SLDChoice, typer.Option(help="Safe Latent Diffusion preset (paper values; weak-diffusers: s_S=20).")
+    ] = SLDChoice.off,
+    concept: Annotated[
+        str | None,
+        typer.Option(help="Safety concept SLD steers away from (default: the SLD paper's concept list)."),
+    ] = None,
+    sld_warmup: Annotated[
+        str | None,
+        typer.Option(help="Override the preset's warm-up: steps (10) or a fraction of the steps (0.2)."),
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option(help="Negative prompt (replaces the empty CFG prompt).")
+    ] = None,
+    cfg: Annotated[float, typer.Option(help="Classifier-free guidance scale; ≤ 1 disables CFG.")] = 7.5,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    scheduler: Annotated[
+        SchedulerChoice | None, typer.Option(help="Sampler (default: the model's own scheduler).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds one CPU torch.Generator for the whole call (random if omitted).")
+    ] = None,
+    n: Annotated[int, typer.Option("-n", "--num-images", help="Images per prompt.")] = 1,
+    width: Annotated[int | None, typer.Option(help="Width, multiple of 8 (default: model's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Height, multiple of 8 (default: model's).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for PNGs and JSON sidecars.")] = Path("outputs"),
+    device: Annotated[DeviceChoice, typer.Option(help="Where to run.")] = DeviceChoice.auto,
+    dtype: Annotated[DtypeChoice, typer.Option(help="Weights dtype (auto: fp16 on CUDA, fp32 on CPU).")] = (
+        DtypeChoice.auto
+    ),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Generate images from PROMPT with a local Stable Diffusion model, optionally with SLD.
+
+    Writes NNNNN-SEED.png (A1111-style `parameters` text chunk) and NNNNN-SEED.json per image.
+    """
+    from . import api
+    from .sampling.sld_presets import get_sld_preset
+
+    warmup = _parse_warmup(sld_warmup)
+    sld_config = get_sld_preset(sld.value)
+    if warmup is not None:
+        if sld_config is None:
+            raise InvalidArgumentError("--sld-warmup needs an SLD preset", "add e.g. --sld medium")
+        sld_config = sld_config.with_warmup(warmup)
+    resolved_device = None if device is DeviceChoice.auto else device.value
+    if resolved_device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("--device cuda but no CUDA GPU is visible", "use --device cpu")
+    with err.status("loading model…", spinner="dots") if not quiet else nullcontext():
+        pipe = api.load(model, device=resolved_device, dtype=_dtype(dtype), config_dir=config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation warnings are reported below, once
+        result = pipe.generate(
+            prompt,
+            negative_prompt=negative,
+            num_images_per_prompt=n,
+            num_inference_steps=steps,
+            guidance_scale=cfg,
+            scheduler=None if scheduler is None else scheduler.value,
+            sld=sld_config,
+            safety_concept=concept,
+            seed=seed,
+            width=width,
+            height=height,
+            progress=not quiet,
+        )
+    for message in result.warnings:
+        err.print(f"[yellow]warning:[/] {message}", highlight=False)
+    paths = result.save(out)
+    s = result.settings
+    sld_text = f"SLD {s.sld['sld_preset']}" if s.sld else "SLD off"
+    err.print(
+        f"{len(paths)} image(s) in {result.seconds:.1f} s · seed {s.seed} · {sld_text} · {s.sampler}",
+        highlight=False,
+    )
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+def version() -> None:
+    """Print the safelatent version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

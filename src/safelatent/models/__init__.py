@@ -1,0 +1,1 @@
+"""Offline model loading: diffusers folders, single-file LDM checkpoints, shipped configs and tokenizer."""

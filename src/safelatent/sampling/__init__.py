@@ -1,0 +1,1 @@
+"""Sampling: one batched-branch loop, guidance functions, scheduler choice."""
