@@ -70,7 +70,7 @@ def _float_images(pipe: Pipeline, scheduler_name: str | None, **kwargs) -> np.nd
     return result.pixels
 
 
-def _diffusers_safe(parts, scheduler, **sld) -> np.ndarray:
+def _diffusers_safe(parts, scheduler, *, steps: int = STEPS, negative_prompt=None, **sld) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pipe = StableDiffusionPipelineSafe(
@@ -86,9 +86,10 @@ def _diffusers_safe(parts, scheduler, **sld) -> np.ndarray:
         pipe.set_progress_bar_config(disable=True)
         out = pipe(
             PROMPTS,
+            negative_prompt=negative_prompt,
             height=SIZE,
             width=SIZE,
-            num_inference_steps=STEPS,
+            num_inference_steps=steps,
             guidance_scale=7.5,
             num_images_per_prompt=2,
             generator=torch.Generator("cpu").manual_seed(SEED),
@@ -142,34 +143,12 @@ def test_sld_off_matches_stable_diffusion_pipeline(tiny):
 def test_sld_parity_with_other_schedulers(tiny, name, cls):
     """A deterministic and a stochastic (generator-consuming) scheduler, with a negative prompt."""
     parts, pipe = tiny
+    negatives = ["blurry", "low quality"]
     scheduler = cls.from_config(parts["scheduler"].config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        safe = StableDiffusionPipelineSafe(
-            vae=parts["vae"],
-            text_encoder=parts["text_encoder"],
-            tokenizer=parts["tokenizer"],
-            unet=parts["unet"],
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        safe.set_progress_bar_config(disable=True)
-        expected = safe(
-            PROMPTS,
-            negative_prompt=["blurry", "low quality"],
-            height=SIZE,
-            width=SIZE,
-            num_inference_steps=20,
-            num_images_per_prompt=2,
-            generator=torch.Generator("cpu").manual_seed(SEED),
-            output_type="np",
-            **SafetyConfig.STRONG,
-        ).images
+    expected = _diffusers_safe(parts, scheduler, steps=20, negative_prompt=negatives, **SafetyConfig.STRONG)
     # diffusers' warm-up is in absolute steps (7): give the same explicitly.
     config = SLD_PRESETS["strong"].with_warmup(7)
-    ours = _float_images(pipe, name, negative_prompt=["blurry", "low quality"], steps=20, sld=config)
+    ours = _float_images(pipe, name, negative_prompt=negatives, steps=20, sld=config)
     assert np.abs(ours - expected).max() <= TOLERANCE
 
 

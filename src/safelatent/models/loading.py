@@ -702,35 +702,24 @@ def _load_single_file(
     reader.release()
     _check_finite(tensors.items(), str(file))
 
-    unet_config_path = configs_root / "unet" / "config.json"
-    unet_state = _convert(
-        "unet", partial(convert_ldm_unet_checkpoint, tensors, configs["unet"]), source, unet_config_path
-    )
-    unet = _load_into(
-        "unet",
-        lambda: UNet2DConditionModel.from_config(configs["unet"]),
-        unet_state,
-        on_meta=True,
-        source=source,
-        config_path=unet_config_path,
-    )
-    del unet_state
-    unet = _finalize(unet, device, dtype)
-
-    vae_config_path = configs_root / "vae" / "config.json"
-    vae_state = _convert(
-        "vae", partial(convert_ldm_vae_checkpoint, tensors, configs["vae"]), source, vae_config_path
-    )
-    vae = _load_into(
-        "vae",
-        lambda: AutoencoderKL.from_config(configs["vae"]),
-        vae_state,
-        on_meta=True,
-        source=source,
-        config_path=vae_config_path,
-    )
-    del vae_state
-    vae = _finalize(vae, device, dtype)
+    built = {}
+    for name, convert, model_class in (
+        ("unet", convert_ldm_unet_checkpoint, UNet2DConditionModel),
+        ("vae", convert_ldm_vae_checkpoint, AutoencoderKL),
+    ):
+        config_path = configs_root / name / "config.json"
+        state = _convert(name, partial(convert, tensors, configs[name]), source, config_path)
+        model = _load_into(
+            name,
+            partial(model_class.from_config, configs[name]),
+            state,
+            on_meta=True,
+            source=source,
+            config_path=config_path,
+        )
+        del state
+        built[name] = _finalize(model, device, dtype)
+    unet, vae = built["unet"], built["vae"]
 
     text_config = CLIPTextConfig.from_dict(
         {

@@ -47,18 +47,12 @@ def _step_kwargs(scheduler, generator, eta: float) -> dict:
     return kwargs
 
 
-def _progress(total: int, enabled: bool):
+def _progress(enabled: bool):
     if not enabled:
         return nullcontext(None)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from ..progress import progress_bar
 
-    return Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        transient=True,
-    )
+    return progress_bar(transient=True)
 
 
 @torch.inference_mode()
@@ -99,7 +93,7 @@ def sample(
     state = guidance.start(num_inference_steps)
     timesteps = scheduler.timesteps
     n_branches = len(branches)
-    with _progress(len(timesteps), progress) as bar:
+    with _progress(progress) as bar:
         task = bar.add_task("sampling", total=len(timesteps)) if bar is not None else None
         for step_index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * n_branches) if n_branches > 1 else latents
