@@ -112,11 +112,6 @@ def test_missing_models_teach(model, message, tmp_path):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_no_model_given_says_what_to_pass(tmp_path):
-    result = _run("generate", "x", "--out", tmp_path)
-    assert result.exit_code == 2 and "--model" in result.output
-
-
 def test_unknown_choice_is_a_usage_error(tmp_path):
     result = _run("generate", "x", "--scheduler", "heun", "--out", tmp_path)
     assert result.exit_code == 2 and "heun" in result.output

@@ -103,15 +103,21 @@ def load(
 ) -> Pipeline:
     """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file).
 
-    Nothing is downloaded. ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
-    float32 on the CPU.
+    Nothing is downloaded. With no ``model``, the toy model that ships in the package is loaded (through
+    the same loader). ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
+    float32 on the CPU (the toy model always runs in float32).
     """
     from .models.loading import load_components
+    from .toy.model import toy_model_dir
 
     if model is None:
-        raise InvalidArgumentError(
-            "no model given", "pass --model PATH to a diffusers folder or a .safetensors checkpoint"
-        )
+        model = toy_model_dir()
+        if not (model / "model_index.json").exists():
+            raise InvalidArgumentError(
+                "no model given and the toy model is not installed",
+                "pass --model PATH to a diffusers folder or a .safetensors checkpoint",
+            )
+        dtype = dtype or torch.float32
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

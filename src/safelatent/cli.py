@@ -7,6 +7,7 @@ traceback (``SAFELATENT_DEBUG=1`` shows it). Usage errors (bad option values) ar
 from __future__ import annotations
 
 import functools
+import json
 import os
 import warnings
 from contextlib import nullcontext
@@ -103,7 +104,9 @@ def generate(
     model: Annotated[
         Path | None,
         typer.Option(
-            "--model", "-m", help="Local diffusers folder or .safetensors/.ckpt file (never downloaded)."
+            "--model",
+            "-m",
+            help="Local diffusers folder or .safetensors/.ckpt file (never downloaded; default: toy model).",
         ),
     ] = None,
     config: Annotated[
@@ -194,6 +197,91 @@ def generate(
     )
     for path in paths:
         typer.echo(str(path))
+
+
+toy_app = typer.Typer(help="The toy world and toy model: train, measure, demo.", no_args_is_help=True)
+app.add_typer(toy_app, name="toy")
+
+
+@toy_app.command("train")
+@user_errors
+def toy_train(
+    out: Annotated[Path, typer.Option(help="Where to write the diffusers-layout model folder.")] = Path(
+        "toy-model"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of data, initialisation and order.")] = 0,
+    images: Annotated[int, typer.Option(help="Training images to render (cached).")] = 40_000,
+    vae_steps: Annotated[int, typer.Option(help="Autoencoder steps.")] = 7000,
+    unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder steps.")] = 3000,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    cache_dir: Annotated[Path | None, typer.Option(help="Rendered-data cache folder.")] = None,
+) -> None:
+    """Train the toy model from scratch (seeded, reproducible): autoencoder, then UNet + text encoder."""
+    from .toy.train import ToyTrainConfig, train_toy_model
+
+    config = ToyTrainConfig(
+        seed=seed, n_images=images, vae_steps=vae_steps, unet_steps=unet_steps, device=device
+    )
+    if cache_dir is not None:
+        config.cache_dir = str(cache_dir)
+    summary = train_toy_model(config, out, log=lambda m: err.print(m, highlight=False))
+    typer.echo(json.dumps(summary["timings_s"]))
+
+
+@toy_app.command("eval")
+@user_errors
+def toy_eval(
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Toy model folder (default: shipped).")
+    ] = None,
+    samples: Annotated[int, typer.Option(help="Prompts per condition.")] = 200,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and noise.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for toy_quality.json / .md.")] = Path("toy-quality"),
+) -> None:
+    """Measure prompt fidelity, marker and theme rates, and SLD's effect, with the world's classifiers."""
+    from . import api
+    from .toy.evaluate import ToyQualityConfig, evaluate_toy_quality, write_report
+
+    pipe = api.load(model, device="cpu" if model is None else None)
+    config = ToyQualityConfig(samples=samples, steps=steps, seed=seed)
+
+    def show(r):
+        err.print(
+            f"{r.prompts:6s} SLD {r.sld:8s} shape+colour {r.shape_colour:6.1%} background {r.background:6.1%}"
+            f" marker {r.marker:6.1%} theme {r.theme:6.1%}",
+            highlight=False,
+        )
+
+    report = evaluate_toy_quality(pipe, config, on_condition=show)
+    write_report(report, out)
+    typer.echo(report.markdown())
+
+
+@toy_app.command("demo")
+@user_errors
+def toy_demo(
+    out: Annotated[Path, typer.Option(help="Folder for grid.png, index.html, summary.json.")] = Path(
+        "demo-out"
+    ),
+    model: Annotated[
+        Path | None, typer.Option("--model", "-m", help="Toy model folder (default: shipped).")
+    ] = None,
+    seeds: Annotated[int, typer.Option(help="Images per prompt.")] = 4,
+) -> None:
+    """Baseline vs SLD on the toy model: a labelled grid and an HTML page."""
+    from . import api
+    from .toy.demo import run_demo
+
+    pipe = api.load(model, device="cpu" if model is None else None)
+    result = run_demo(pipe, out, seeds=seeds)
+    for setting, rates in result.summary.items():
+        err.print(
+            f"SLD {setting:7s} marker rate: {rates['marker_rate_on_marker_prompts']:.0%} on prompts"
+            f" asking for it, {rates['marker_rate_on_plain_prompts']:.0%} on prompts without it",
+            highlight=False,
+        )
+    typer.echo(str(result.page))
 
 
 @app.command()

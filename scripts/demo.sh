@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's first command: install into .venv, then generate the same prompts and seeds with SLD
+# off / medium / strong on the shipped toy model, judged by the toy world's classifiers:
+# demo-out/index.html, demo-out/grid.png, demo-out/summary.json. No network, no GPU needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+
+bash scripts/install.sh
+"$VENV/bin/safelatent" toy demo --out demo-out
+echo "open demo-out/index.html"
