@@ -30,6 +30,7 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,7 @@ def load_components(
 
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    with offline_mode():
+    with offline_mode(), _library_progress_bars_off():
         try:
             if resolved.is_dir():
                 if configs is not None:
@@ -141,6 +142,23 @@ def load_components(
                 f"loading {source} tried to contact a model hub ({error})",
                 "safelatent never downloads; this is a bug — please report it with the path layout you used",
             ) from error
+
+
+@contextmanager
+def _library_progress_bars_off():
+    """Silence transformers' and diffusers' per-file "Loading weights" bars while loading (restored after)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (transformers_logging, diffusers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def train_autoencoder(vae, images: np.ndarray, config: ToyTrainConfig, device, r
             loss.backward()
             optimizer.step()
             schedule.step()
-            losses.append(rec.item())
+            losses.append(rec.detach().item())
             if step % 25 == 0:
                 bar.update(task, description=f"autoencoder rec {np.mean(losses[-25:]):.4f}")
             bar.advance(task)
@@ -215,7 +215,7 @@ def train_diffusion(
             optimizer.step()
             schedule.step()
             ema.step(params)
-            losses.append(float(per_sample.mean()))
+            losses.append(per_sample.detach().mean().item())
             if step % 25 == 0:
                 bar.update(task, description=f"diffusion mse {np.mean(losses[-100:]):.4f}")
             bar.advance(task)
