@@ -105,7 +105,7 @@ def load(
 
     Nothing is downloaded. With no ``model``, the toy model that ships in the package is loaded (through
     the same loader). ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
-    float32 on the CPU (the toy model always runs in float32).
+    float32 on the CPU (for the toy model, float32 everywhere unless ``dtype`` says otherwise).
     """
     from .models.loading import load_components
     from .toy.model import toy_model_dir

@@ -64,8 +64,12 @@ class ToyTrainConfig:
     cache_dir: str = field(default_factory=lambda: str(Path.home() / ".cache" / "safelatent" / "toy"))
 
     def data_key(self) -> str:
+        """Cache key of the rendered data: its settings and the world's source (a changed renderer or
+        caption grammar never reuses a stale cache)."""
         settings = {"n": self.n_images, "seed": self.seed, "marker": self.marker_prob, "size": IMAGE_SIZE}
-        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+        digest.update(Path(world.__file__).read_bytes())
+        return digest.hexdigest()[:12]
 
 
 def _device(name: str) -> torch.device:
