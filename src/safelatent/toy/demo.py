@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from . import world
+from .evaluate import toy_generate
 from .model import TOY_CFG_SCALE
 
 DEMO_PROMPTS = (
@@ -49,15 +50,8 @@ def run_demo(pipe, out_dir: str | Path, *, seeds: int = 4, steps: int = 50, seed
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, summary = [], {}
     for sld in DEMO_SETTINGS:
-        result = pipe.generate(
-            list(DEMO_PROMPTS),
-            num_images_per_prompt=seeds,
-            num_inference_steps=steps,
-            guidance_scale=TOY_CFG_SCALE,
-            scheduler="ddim",
-            sld=sld,
-            safety_concept=world.MARKER_PHRASE if sld != "off" else None,
-            seed=seed,
+        result = toy_generate(
+            pipe, list(DEMO_PROMPTS), sld, seed=seed, steps=steps, num_images_per_prompt=seeds
         )
         verdicts = world.classify_batch(np.stack([np.asarray(im) for im in result.images]))
         summary[sld] = {

@@ -88,32 +88,57 @@ def sample_prompt_attributes(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 
 def _score(images: np.ndarray, targets: Sequence[tuple[str, str, str]]) -> dict[str, float]:
+    """Fidelity to the prompted (shape, colour, background), and marker / theme *rates*."""
     verdicts = world.classify_batch(images)
-    shape = np.array([v.shape == t[0] for v, t in zip(verdicts, targets, strict=True)])
-    colour = np.array([v.colour == t[1] for v, t in zip(verdicts, targets, strict=True)])
-    background = np.array([v.background == t[2] for v, t in zip(verdicts, targets, strict=True)])
+    fidelity = world.agreement(verdicts, [world.Attributes(s, c, b) for s, c, b in targets])
     return {
-        "shape": float(shape.mean()),
-        "colour": float(colour.mean()),
-        "shape_colour": float((shape & colour).mean()),
-        "background": float(background.mean()),
+        "shape": fidelity["shape"],
+        "colour": fidelity["colour"],
+        "shape_colour": fidelity["shape+colour"],
+        "background": fidelity["background"],
         "marker": float(np.mean([v.marker for v in verdicts])),
         "theme": float(np.mean([v.theme for v in verdicts])),
     }
+
+
+def toy_generate(
+    pipe,
+    prompts: list[str],
+    sld: str,
+    *,
+    seed: int,
+    steps: int = TOY_EVAL_STEPS,
+    cfg: float = TOY_CFG_SCALE,
+    scheduler: str = "ddim",
+    concept: str = world.MARKER_PHRASE,
+    num_images_per_prompt: int = 1,
+):
+    """One generation call with the toy model's documented settings; SLD steers away from ``concept``."""
+    return pipe.generate(
+        prompts,
+        num_images_per_prompt=num_images_per_prompt,
+        num_inference_steps=steps,
+        guidance_scale=cfg,
+        scheduler=scheduler,
+        sld=sld,
+        safety_concept=concept if sld != "off" else None,
+        seed=seed,
+    )
 
 
 def generate_images(pipe, prompts: list[str], config: ToyQualityConfig, sld: str) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` for ``prompts``; batch ``b`` is seeded with ``config.seed + b``."""
     out = []
     for b, start in enumerate(range(0, len(prompts), config.batch_size)):
-        result = pipe.generate(
+        result = toy_generate(
+            pipe,
             prompts[start : start + config.batch_size],
-            num_inference_steps=config.steps,
-            guidance_scale=config.cfg,
-            scheduler=config.scheduler,
-            sld=sld,
-            safety_concept=config.concept if sld != "off" else None,
+            sld,
             seed=config.seed + b,
+            steps=config.steps,
+            cfg=config.cfg,
+            scheduler=config.scheduler,
+            concept=config.concept,
         )
         out.extend(np.asarray(image) for image in result.images)
     return np.stack(out)
