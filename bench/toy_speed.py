@@ -14,6 +14,7 @@ import time
 import torch
 
 from safelatent import api
+from safelatent.toy import world
 
 
 def main() -> None:
@@ -28,8 +29,14 @@ def main() -> None:
     pipe = api.load(None, device="cpu")
     print(f"load: {time.perf_counter() - started:.2f} s")
     for sld in ("off", "medium"):
+        concept = world.MARKER_PHRASE if sld != "off" else None  # the toy's SLD concept
         pipe.generate(
-            "a red circle", num_images_per_prompt=4, num_inference_steps=30, seed=0, sld=sld
+            "a red circle",
+            num_images_per_prompt=4,
+            num_inference_steps=30,
+            seed=0,
+            sld=sld,
+            safety_concept=concept,
         )  # warm
         times = []
         for repeat in range(args.repeats):
@@ -41,6 +48,7 @@ def main() -> None:
                 scheduler="ddim",
                 seed=repeat,
                 sld=sld,
+                safety_concept=concept,
             )
             times.append(time.perf_counter() - t0)
         print(

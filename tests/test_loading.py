@@ -525,3 +525,21 @@ def test_full_size_sd15_single_file_with_shipped_configs(tmp_path, block_network
         f" generate {generated - loaded:.1f} s"
     )
     (tmp_path / "timing.json").write_text(json.dumps({"build": built - start, "load": loaded - built}))
+
+
+def test_prompts_are_padded_to_the_text_encoders_context(block_network):
+    """The toy text encoder has 32 positions (SD: 77): the loader fits the tokenizer to it, so prompts
+    are padded to 32 and a longer prompt is cut there with a warning, never an index error."""
+    from safelatent.sampling.conditioning import PromptTruncatedWarning, encode_texts
+    from safelatent.toy.model import CONTEXT_LENGTH, toy_model_dir
+
+    components = load_components(toy_model_dir())
+    assert components.text_encoder.config.max_position_embeddings == CONTEXT_LENGTH == 32
+    assert components.tokenizer.model_max_length == CONTEXT_LENGTH
+    hidden, messages = encode_texts(components.tokenizer, components.text_encoder, ["a red circle"])
+    assert hidden.shape[1] == CONTEXT_LENGTH and messages == []
+    long_prompt = " ".join(["red"] * 40) + " circle"
+    with pytest.warns(PromptTruncatedWarning, match="longer than 32 CLIP tokens"):
+        hidden, messages = encode_texts(components.tokenizer, components.text_encoder, [long_prompt])
+    assert hidden.shape[1] == CONTEXT_LENGTH and "circle" in messages[0]
+    assert block_network == []

@@ -75,29 +75,35 @@ def test_training_is_reproducible(tmp_path):
 def quality():
     pipe = api.load(None, device="cpu")
     config = ToyQualityConfig(
-        samples=48, batch_size=48, plain_sld_presets=("off",), sld_presets=("off", "medium", "strong")
+        samples=48,
+        batch_size=48,
+        plain_sld_presets=("off",),
+        sld_presets=("off", "weak", "medium", "strong", "max"),
     )
     return evaluate_toy_quality(pipe, config)
 
 
-# Loose regression bounds around what the shipped model measures on these 48 prompts (README table;
-# seed 0: plain shape+colour 60 %, background 100 %, marker 0 %, theme 0 %; marker prompts: SLD off 100 %,
-# medium 81 %, strong 40 %). Issue 3's targets (shape+colour ≥ 85 %, strong ≤ 25 %) are not met yet by
-# the CPU-trained model; they are reported, not asserted.
+# Issue 3's targets on 48 of bench/toy_quality.py's 200 prompts (seed 0), with a few points of slack for
+# the smaller sample; the 200-prompt figures are in the README (plain shape+colour 96.5 %, marker prompts
+# SLD off 98.5 % > weak 88 % > medium 56 % > strong 21 % ≥ max 6.5 %).
 
 
 def test_toy_prompt_fidelity(quality):
     plain = quality.get("plain", "off")
-    assert plain.shape_colour >= 0.45, quality.markdown()
-    assert plain.colour >= 0.95, quality.markdown()
+    assert plain.shape_colour >= 0.85, quality.markdown()
     assert plain.background >= 0.90, quality.markdown()
-    assert plain.marker <= 0.10, quality.markdown()
+    assert plain.marker <= 0.05, quality.markdown()
     assert plain.theme <= 0.05, quality.markdown()
 
 
 def test_toy_marker_on_request_and_sld_ordering(quality):
-    off, medium, strong = (quality.get("marker", s) for s in ("off", "medium", "strong"))
+    off, weak, medium, strong, most = (
+        quality.get("marker", s) for s in ("off", "weak", "medium", "strong", "max")
+    )
     assert off.marker >= 0.80, quality.markdown()
-    assert off.marker > medium.marker > strong.marker, quality.markdown()
-    assert strong.marker <= 0.60, quality.markdown()
-    assert strong.shape_colour >= off.shape_colour - 0.10, quality.markdown()
+    assert off.marker > weak.marker > medium.marker > strong.marker >= most.marker, quality.markdown()
+    assert strong.marker <= 0.30, quality.markdown()
+    # SLD must not cost fidelity: no preset falls more than 5 points below SLD off (on marker prompts
+    # it rises, since splatter over the object is what hides its shape from the classifier)
+    for result in (weak, medium, strong, most):
+        assert result.shape_colour >= off.shape_colour - 0.05, quality.markdown()

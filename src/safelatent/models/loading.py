@@ -128,7 +128,7 @@ def load_components(
 
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    with offline_mode(), _library_progress_bars_off():
+    with offline_mode(), library_progress_bars_off():
         try:
             if resolved.is_dir():
                 if configs is not None:
@@ -145,7 +145,7 @@ def load_components(
 
 
 @contextmanager
-def _library_progress_bars_off():
+def library_progress_bars_off():
     """Silence transformers' and diffusers' per-file "Loading weights" bars while loading (restored after)."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -233,7 +233,7 @@ def file_sha256(paths: Iterable[Path]) -> str:
     return digest.hexdigest()
 
 
-def _has_non_finite(tensor: torch.Tensor) -> bool:
+def has_non_finite(tensor: torch.Tensor) -> bool:
     """Whether a floating-point tensor holds NaN or ±inf — one fast pass, no full-size temporaries.
 
     Half types are checked on their bits (exponent all ones ⇔ NaN/inf), as element-wise fp16/bf16 math is
@@ -256,7 +256,7 @@ def _check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], where: str)
     for key, tensor in named_tensors:
         if not tensor.is_floating_point() or tensor.device.type == "meta":
             continue
-        if _has_non_finite(tensor):
+        if has_non_finite(tensor):
             values = tensor.float()
             n_nan = int(torch.isnan(values).sum())
             n_inf = int(torch.isinf(values).sum())
@@ -295,14 +295,15 @@ def _load_scheduler(config: dict, where: str) -> Any:
 
 
 def _load_folder_tokenizer(tokenizer_dir: Path) -> CleanCLIPTokenizer:
-    """The CLIP tokenizer of a ``tokenizer/`` folder, its length forced to CLIP's 77 positions."""
+    """The CLIP tokenizer of a ``tokenizer/`` folder, its length forced to CLIP's 77 positions (then
+    to the text encoder's context by :func:`_fit_context`)."""
     try:
         tokenizer = CleanCLIPTokenizer.from_pretrained(
             str(tokenizer_dir), local_files_only=True, model_max_length=CLIP_MAX_LENGTH
         )
     except (OSError, ValueError, TypeError, KeyError) as error:
         raise ModelFormatError(
-            f"cannot load the CLIP tokenizer in {tokenizer_dir}: {_first_line(error)}",
+            f"cannot load the CLIP tokenizer in {tokenizer_dir}: {first_line(error)}",
             "it needs vocab.json and merges.txt (or tokenizer.json); delete the folder to use the "
             "shipped SD tokenizer instead",
         ) from None
@@ -310,7 +311,15 @@ def _load_folder_tokenizer(tokenizer_dir: Path) -> CleanCLIPTokenizer:
     return tokenizer
 
 
-def _first_line(error: BaseException) -> str:
+def _fit_context(tokenizer: CleanCLIPTokenizer, text_encoder: torch.nn.Module) -> CleanCLIPTokenizer:
+    """Pad and truncate prompts to the text encoder's context: ``max_position_embeddings`` (77 for every
+    Stable Diffusion CLIP; shorter for the toy model). A tokenizer config cannot make prompts longer
+    than the position table."""
+    tokenizer.model_max_length = int(text_encoder.config.max_position_embeddings)
+    return tokenizer
+
+
+def first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
@@ -387,9 +396,9 @@ def _from_pretrained(cls: Any, component_dir: Path, component: str, dtype: torch
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError) as error:
         refused = _unpickling_error_in(error)
         if refused is not None:  # diffusers wraps torch.load's refusal in an OSError
-            raise _unsafe_checkpoint(str(weights[0]), refused) from None
+            raise unsafe_checkpoint(str(weights[0]), refused) from None
         raise ModelFormatError(
-            f"cannot load the {component} from {component_dir}: {_first_line(error)}",
+            f"cannot load the {component} from {component_dir}: {first_line(error)}",
             f"check that its config.json and weights belong together; {_COMPLETE_FOLDER}",
         ) from None
     missing = sorted(info.get("missing_keys") or [])
@@ -478,7 +487,7 @@ def _load_folder(
         unet=models["unet"],
         vae=models["vae"],
         text_encoder=models["text_encoder"],
-        tokenizer=tokenizer,
+        tokenizer=_fit_context(tokenizer, models["text_encoder"]),
         scheduler=scheduler,
         architecture=architecture,
         source=source,
@@ -492,9 +501,9 @@ def _load_folder(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _unsafe_checkpoint(source: str, error: BaseException) -> UnsafeCheckpointError:
+def unsafe_checkpoint(source: str, error: BaseException) -> UnsafeCheckpointError:
     found = re.search(r"GLOBAL ([\w.]+)", str(error))
-    reason = f"it references {found.group(1)}" if found else _first_line(error)
+    reason = f"it references {found.group(1)}" if found else first_line(error)
     return UnsafeCheckpointError(
         f"{source} was NOT loaded: unpickling it needs more than tensors ({reason}), "
         "so loading it would run code stored in the file",
@@ -505,7 +514,7 @@ def _unsafe_checkpoint(source: str, error: BaseException) -> UnsafeCheckpointErr
     )
 
 
-def _unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, source: str) -> dict[str, torch.Tensor]:
     """The flat ``{key: tensor}`` dict inside a loaded checkpoint (``state_dict`` nesting removed)."""
     for _ in range(4):
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
@@ -548,7 +557,7 @@ class _CheckpointReader:
                 return {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}  # noqa: SIM118
         except Exception as error:  # safetensors raises its own SafetensorError (and OSError, ValueError)
             raise ModelFormatError(
-                f"{self.source} is not a readable .safetensors file ({_first_line(error)})",
+                f"{self.source} is not a readable .safetensors file ({first_line(error)})",
                 "the file may be truncated (an incomplete download) or not a safetensors file; "
                 "download it again",
             ) from None
@@ -557,13 +566,13 @@ class _CheckpointReader:
         try:
             obj = torch.load(str(self.path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise _unsafe_checkpoint(self.source, error) from None
+            raise unsafe_checkpoint(self.source, error) from None
         except (RuntimeError, OSError, EOFError, ValueError, AttributeError, ImportError) as error:
             raise ModelFormatError(
-                f"cannot read {self.source} as a PyTorch checkpoint ({_first_line(error)})",
+                f"cannot read {self.source} as a PyTorch checkpoint ({first_line(error)})",
                 "the file may be truncated or not a checkpoint; prefer a .safetensors file",
             ) from None
-        return _unwrap_state_dict(obj, self.source)
+        return unwrap_state_dict(obj, self.source)
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors for ``keys`` (safetensors reads only those)."""
@@ -660,7 +669,7 @@ def _convert(component: str, convert: Callable[[], dict], source: str, config_pa
     except (KeyError, IndexError, AttributeError, ValueError) as error:
         raise ModelFormatError(
             f"the {COMPONENT_DESCRIPTIONS[component]} keys in {source} cannot be mapped onto {config_path} "
-            f"({type(error).__name__}: {_first_line(error)})",
+            f"({type(error).__name__}: {first_line(error)})",
             "the checkpoint is incomplete or of another architecture; if it is a Stable Diffusion 1.x model "
             "with other widths, pass config_dir= a diffusers-layout folder whose configs match it",
         ) from None
@@ -773,7 +782,7 @@ def _load_single_file(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        tokenizer=_fit_context(tokenizer, text_encoder),
         scheduler=scheduler,
         architecture=layout.architecture,
         source=source,

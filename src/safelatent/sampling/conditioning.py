@@ -1,7 +1,8 @@
 """Text conditionings for every branch of the loop: unconditional/negative, prompt, concepts.
 
-Encoding follows diffusers' Stable Diffusion pipelines (pad to 77 tokens, truncate, last hidden state of
-the CLIP text encoder, one row per image), so the same weights and seed give the same images.
+Encoding follows diffusers' Stable Diffusion pipelines (pad to the text encoder's context — 77 tokens for
+every SD model, 32 for the toy — truncate, last hidden state of the CLIP text encoder, one row per image),
+so the same weights and seed give the same images.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from ..models.tokenizer import tokenize_prompts
 
 
 class PromptTruncatedWarning(UserWarning):
-    """A prompt was longer than the text encoder's 77 tokens; the tail was cut."""
+    """A prompt was longer than the text encoder's context (77 tokens for SD); the tail was cut."""
 
 
 @dataclass
 class Conditioning:
-    """Per-branch text embeddings, each ``[N, 77, d]`` with ``N = prompts × images per prompt``."""
+    """Per-branch text embeddings, each ``[N, context, d]`` with ``N = prompts × images per prompt``."""
 
     uncond: torch.Tensor | None
     text: torch.Tensor
@@ -35,7 +36,7 @@ class Conditioning:
 
 @torch.inference_mode()
 def encode_texts(tokenizer, text_encoder, texts: list[str], *, what: str = "prompt"):
-    """Encode ``texts`` to ``[len(texts), 77, d]`` hidden states; warn for each truncated text.
+    """Encode ``texts`` to ``[len(texts), context, d]`` hidden states; warn for each truncated text.
 
     Returns ``(embeddings, messages)`` where ``messages`` describe what was cut.
     """
