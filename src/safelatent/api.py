@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from PIL import Image
 
 from . import __version__
 from .errors import InvalidArgumentError
+from .models.adapters import ActiveLora, LoraSpec, LoraStack
 from .models.components import StableDiffusionComponents
 from .sampling.conditioning import build_conditioning
 from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
@@ -51,6 +54,8 @@ class GenerationSettings:
     model_hash: str
     architecture: str
     safelatent_version: str = __version__
+    #: active LoRA adapters: name, path, weight, hash (A1111 autov3), format, trigger_words
+    loras: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,12 +105,15 @@ def load(
     device: str | None = None,
     dtype: torch.dtype | None = None,
     config_dir: str | Path | None = None,
+    loras: Sequence[LoraSpec | str | os.PathLike] | None = None,
 ) -> Pipeline:
     """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file).
 
     Nothing is downloaded. With no ``model``, the toy model that ships in the package is loaded (through
     the same loader). ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
     float32 on the CPU (for the toy model, float32 everywhere unless ``dtype`` says otherwise).
+    ``loras`` (local files, ``"PATH[:WEIGHT]"`` strings or :class:`LoraSpec`) are applied with
+    :meth:`Pipeline.set_loras`.
     """
     from .models.loading import load_components
     from .toy.model import toy_model_dir
@@ -122,14 +130,67 @@ def load(
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     components = load_components(model, device=device, dtype=dtype, config_dir=config_dir)
-    return Pipeline(components)
+    pipe = Pipeline(components)
+    if loras:
+        pipe.set_loras(loras)
+    return pipe
 
 
 class Pipeline:
-    """Text-to-image generation over loaded components, with CFG or Safe Latent Diffusion."""
+    """Text-to-image generation over loaded components, with CFG or Safe Latent Diffusion, and LoRA
+    adapters (:meth:`set_loras`)."""
 
     def __init__(self, components: StableDiffusionComponents) -> None:
         self.components = components
+        self._lora_stack = LoraStack(
+            components.unet, components.text_encoder, architecture=components.architecture
+        )
+
+    def set_loras(
+        self, specs: Sequence[LoraSpec | str | os.PathLike], *, fuse: bool = False
+    ) -> list[ActiveLora]:
+        """Replace the active LoRA adapters by ``specs`` — local files in the diffusers/peft, kohya or
+        safelatent layout, each with a weight (``"style.safetensors:0.7"``, ``LoraSpec(path, 0.7)``;
+        default 1.0). ``set_loras([])`` removes all.
+
+        Every adapted layer computes ``W0·x + Σ_i w_i·(α_i/r_i)·B_i·A_i·x`` (LoRA, Hu et al. 2021,
+        arXiv 2106.09685) through peft's layers. The replacement is atomic: all files are read and checked
+        against the model first, and on any error (:class:`~safelatent.errors.ModelFormatError`,
+        :class:`~safelatent.errors.InvalidWeightsError`, ... naming the file and its first mismatching
+        keys) the previous adapters stay exactly as they were. ``fuse=True`` merges the weighted deltas
+        into the base weights (faster sampling; :meth:`unfuse_loras` restores the original weights).
+
+        With SLD, the safety concept is encoded by the **adapted** text encoder, like the prompt: SLD
+        measures the concept in the same embedding space the adapted model conditions on, so an adapter
+        that shifts how the model reads words shifts the concept with them.
+        """
+        active = self._lora_stack.set(specs, fuse=fuse)
+        model_hash = self.components.model_hash
+        for lora in active:
+            expected = lora.base_model_hash
+            if expected and model_hash and expected[: len(model_hash)] != model_hash[: len(expected)]:
+                warnings.warn(
+                    f"LoRA {lora.name} was trained on a model with hash {expected}, this one is {model_hash}",
+                    stacklevel=2,
+                )
+        return active
+
+    @property
+    def loras(self) -> list[ActiveLora]:
+        """The active LoRA adapters, in the order given to :meth:`set_loras`."""
+        return self._lora_stack.active
+
+    @property
+    def loras_fused(self) -> bool:
+        return self._lora_stack.fused
+
+    def fuse_loras(self) -> None:
+        """Merge the active adapters (at their weights) into the base weights."""
+        self._lora_stack.fuse()
+
+    def unfuse_loras(self) -> None:
+        """Undo :meth:`fuse_loras`, restoring the exact original weights."""
+        self._lora_stack.unfuse()
 
     @property
     def default_size(self) -> int:
@@ -281,6 +342,7 @@ class Pipeline:
             model=c.source,
             model_hash=c.model_hash,
             architecture=c.architecture,
+            loras=[lora.as_dict() for lora in self.loras],
         )
         return GenerationResult(
             images=images,

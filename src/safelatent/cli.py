@@ -117,6 +117,18 @@ def generate(
             " shipped SD 1.5 configs.",
         ),
     ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            metavar="PATH[:WEIGHT]",
+            help="LoRA adapter file (diffusers/peft, kohya or safelatent .safetensors) with an optional"
+            " weight (default 1.0); repeat to stack several.",
+        ),
+    ] = None,
+    fuse_lora: Annotated[
+        bool, typer.Option("--fuse-lora", help="Merge the LoRAs into the model weights (faster sampling).")
+    ] = False,
     sld: Annotated[
         SLDChoice, typer.Option(help="Safe Latent Diffusion preset (paper values; weak-diffusers: s_S=20).")
     ] = SLDChoice.off,
@@ -149,9 +161,10 @@ def generate(
     ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate images from PROMPT with a local Stable Diffusion model, optionally with SLD.
+    """Generate images from PROMPT with a local Stable Diffusion model, optionally with LoRAs and SLD.
 
-    Writes NNNNN-SEED.png (A1111-style `parameters` text chunk) and NNNNN-SEED.json per image.
+    Writes NNNNN-SEED.png (A1111-style `parameters` text chunk) and NNNNN-SEED.json per image. With SLD,
+    the safety concept is encoded by the LoRA-adapted text encoder, like the prompt.
     """
     from . import api
     from .sampling.sld_presets import get_sld_preset
@@ -168,8 +181,17 @@ def generate(
 
         if not torch.cuda.is_available():
             raise InvalidArgumentError("--device cuda but no CUDA GPU is visible", "use --device cpu")
+    if fuse_lora and not lora:
+        raise InvalidArgumentError("--fuse-lora needs at least one --lora", "add --lora PATH[:WEIGHT]")
     with err.status("loading model…", spinner="dots") if not quiet else nullcontext():
         pipe = api.load(model, device=resolved_device, dtype=_dtype(dtype), config_dir=config)
+        if lora:
+            pipe.set_loras(lora, fuse=fuse_lora)
+    for active in pipe.loras:
+        words = f" · trigger words: {', '.join(active.trigger_words)}" if active.trigger_words else ""
+        err.print(
+            f"LoRA {active.name} ×{active.weight:g} ({active.format}, {active.hash}){words}", highlight=False
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # truncation warnings are reported below, once
         result = pipe.generate(

@@ -2,7 +2,9 @@
 
 The ``parameters`` chunk follows AUTOMATIC1111's format (prompt line, ``Negative prompt:`` line, then
 ``Key: value`` pairs separated by ``, ``; values containing ``,``, ``:`` or quotes are JSON-quoted),
-which ComfyUI, InvokeAI and image hosts such as Civitai parse.
+which ComfyUI, InvokeAI and image hosts such as Civitai parse. Active LoRA adapters are listed as A1111
+does, ``Lora hashes: "name: <12 hex autov3>, ..."``, plus ``Lora weights: "name: 0.5, ..."``; the sidecar
+has each adapter's name, path, weight, hash, format and trigger words under ``settings.loras``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def _quote(value) -> str:
     return text
 
 
+def _lora_name(lora: dict) -> str:
+    """A LoRA's name as A1111 writes it in ``Lora hashes`` (``:`` and ``,`` removed, so the list parses)."""
+    return str(lora["name"]).replace(":", "").replace(",", "")
+
+
 def parameters_text(result: GenerationResult, index: int) -> str:
     """The A1111-style ``parameters`` string for image ``index`` of ``result``."""
     s = result.settings
@@ -45,6 +52,11 @@ def parameters_text(result: GenerationResult, index: int) -> str:
         ("Model hash", s.model_hash),
         ("Model", Path(s.model).stem),
     ]
+    if s.loras:
+        pairs += [
+            ("Lora hashes", ", ".join(f"{_lora_name(lora)}: {lora['hash']}" for lora in s.loras)),
+            ("Lora weights", ", ".join(f"{_lora_name(lora)}: {lora['weight']:g}" for lora in s.loras)),
+        ]
     if s.num_images_per_prompt * len(s.prompts) > 1:
         pairs += [("Batch size", s.num_images_per_prompt * len(s.prompts)), ("Batch pos", index)]
     if s.eta:
