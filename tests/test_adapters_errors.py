@@ -205,3 +205,25 @@ def test_pickled_adapters_are_read_weights_only(good, tmp_path, monkeypatch):
         pipe.set_loras([tmp_path / "evil.bin"])
     assert not (tmp_path / "PWNED").exists()
     assert [x.path.name for x in pipe.loras] == ["plain.pt"]
+
+
+@pytest.mark.parametrize(
+    ("key", "raw", "message"),
+    [
+        ("safelatent", "{not json", "is not JSON"),
+        ("safelatent", "[1, 2]", "is not a JSON object"),
+        ("lora_adapter_metadata", "{not json", "is not JSON"),
+    ],
+)
+def test_malformed_json_header_entries_are_named(tmp_path, key, raw, message):
+    from safelatent.models.adapters import read_lora
+
+    path = tmp_path / "bad_header.safetensors"
+    tensors = {
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.ones(2, 4),
+        "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.ones(4, 2),
+    }
+    save_file(tensors, str(path), metadata={key: raw})
+    with pytest.raises(ModelFormatError, match=message) as caught:
+        read_lora(path)
+    assert "bad_header.safetensors" in str(caught.value) and key in str(caught.value)

@@ -380,39 +380,28 @@ def _from_kohya(
     return state_dict, alphas, origin
 
 
-def _safelatent_info(header: Mapping[str, str], where: str) -> dict[str, Any]:
-    raw = header.get(SAFELATENT_METADATA_KEY)
-    if raw is None:
+def _json_header_entry(header: Mapping[str, str], key: str, where: str, hint: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a safetensors header (``{}`` when absent or empty)."""
+    raw = header.get(key)
+    if not raw:
         return {}
     try:
-        info = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as error:
-        raise ModelFormatError(
-            f"LoRA {where}: the {SAFELATENT_METADATA_KEY!r} header entry is not JSON ({error})",
-            "re-export the adapter with safelatent",
-        ) from None
-    if not isinstance(info, dict):
-        raise ModelFormatError(
-            f"LoRA {where}: the {SAFELATENT_METADATA_KEY!r} header entry is not a JSON object",
-            "re-export the adapter with safelatent",
-        )
-    return info
+        message = f"LoRA {where}: the {key!r} header entry is not JSON ({error})"
+        raise ModelFormatError(message, hint) from None
+    if not isinstance(value, dict):
+        raise ModelFormatError(f"LoRA {where}: the {key!r} header entry is not a JSON object", hint)
+    return value
+
+
+def _safelatent_info(header: Mapping[str, str], where: str) -> dict[str, Any]:
+    return _json_header_entry(header, SAFELATENT_METADATA_KEY, where, "re-export the adapter with safelatent")
 
 
 def _component_configs(header: Mapping[str, str], where: str) -> dict[str, dict[str, Any]]:
     """The per-component peft ``LoraConfig`` kwargs in ``lora_adapter_metadata`` (``{}`` when absent)."""
-    raw = header.get(LORA_ADAPTER_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        packed = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise ModelFormatError(
-            f"LoRA {where}: the {LORA_ADAPTER_METADATA_KEY!r} header entry is not JSON ({error})",
-            "re-export the LoRA",
-        ) from None
-    if not isinstance(packed, dict):
-        raise ModelFormatError(f"LoRA {where}: {LORA_ADAPTER_METADATA_KEY!r} is not a JSON object")
+    packed = _json_header_entry(header, LORA_ADAPTER_METADATA_KEY, where, "re-export the LoRA")
     configs: dict[str, dict[str, Any]] = {}
     for key, value in packed.items():
         component, _, option = str(key).partition(".")
