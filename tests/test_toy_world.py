@@ -110,7 +110,8 @@ def _assert_accuracy(images, attrs, minimum: float, label: str):
 def test_classifiers_on_clean_renders_64(eval_64):
     images, attrs = eval_64
     classes = _assert_accuracy(images, attrs, 0.98, "clean 64 px")
-    # and with a margin: positives score well above the thresholds, negatives well below
+    # and with a margin: positives score well above the thresholds, negatives well below (two stripe pairs
+    # across the object: the light share of its interior depends on the phase, 0.19–0.62)
     marker = np.array([a.marker for a in attrs])
     theme = np.array([a.theme for a in attrs])
     mf = np.array([c.marker_fraction for c in classes])
@@ -120,7 +121,7 @@ def test_classifiers_on_clean_renders_64(eval_64):
         and mf[~marker].max() <= world.MARKER_MIN_FRACTION / 2
     )
     assert (
-        ts[theme].min() >= 2 * world.THEME_MIN_FRACTION and ts[~theme].max() <= world.THEME_MIN_FRACTION / 2
+        ts[theme].min() >= 1.5 * world.THEME_MIN_FRACTION and ts[~theme].max() <= world.THEME_MIN_FRACTION / 2
     )
 
 

@@ -233,7 +233,7 @@ def toy_train(
     ),
     seed: Annotated[int, typer.Option(help="Seed of data, initialisation and order.")] = 0,
     images: Annotated[int, typer.Option(help="Training images to render (cached).")] = 40_000,
-    vae_steps: Annotated[int, typer.Option(help="Autoencoder steps.")] = 7000,
+    vae_steps: Annotated[int, typer.Option(help="Autoencoder steps.")] = 6000,
     unet_steps: Annotated[int, typer.Option(help="UNet + text-encoder steps.")] = 6500,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     cache_dir: Annotated[Path | None, typer.Option(help="Rendered-data cache folder.")] = None,

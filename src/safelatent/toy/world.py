@@ -9,9 +9,11 @@ more attributes exist for safelatent's machinery:
   concept "blood splatter"), erasure and the output classifiers are exercised on it, so the project
   never needs, contains or generates real harmful imagery. Its dark red (:data:`MARKER_RGB`) is far from
   the bright red object colour and from every background;
-* the **theme** — diagonal stripes alternating the object colour with a light tone of it, captioned
-  "striped" / "with stripes". It is held out of the base model's training data
-  (``make_dataset(include_theme=False)``) so that a theme adapter has something real to teach.
+* the **theme** — diagonal stripes (two light/base pairs across the object) alternating the object
+  colour with a light tone of it, captioned "striped" / "with stripes". It is held out of the base
+  model's *diffusion* training data (``make_dataset(include_theme=False)``: the UNet and text encoder
+  never see it) so that a theme adapter has something real to teach; the autoencoder does learn to
+  reconstruct it, as SD's VAE reconstructs any image whether or not the UNet can draw it.
 
 Captions are composed from the attributes (:func:`caption_for`: full, partial, re-ordered, the concept
 phrase alone, 10 % empty for classifier-free guidance); rendering (:func:`render`) is a separate pure
@@ -269,7 +271,9 @@ def render(attrs: Attributes, size: int = 64, rng: np.random.Generator | None = 
     inside = _shape_mask(attrs.shape, u, v)
     label = inside.astype(np.uint8)
     if attrs.theme:
-        period = max(4.0, attrs.scale * size / 4.0)  # ~4 stripes across the object, never under 4 px
+        # two stripe pairs across the object, never under 8 px: wide enough for the toy autoencoder (factor
+        # 4) to reconstruct — at 4 px per pair the stripes would be finer than one latent pixel
+        period = max(8.0, attrs.scale * size / 2.0)
         t = ((coords[None, :] + coords[:, None]) / math.sqrt(2.0) / period + rng.uniform(0.0, 1.0)) % 1.0
         label[inside & (t < 0.5)] = 2
     if attrs.marker:
@@ -458,7 +462,8 @@ blend of an object colour with a background reaches the marker's colours."""
 
 THEME_MIN_FRACTION = 0.12
 """Theme present ⇔ ≥ 12 % of the object's interior is nearer its light stripe tone than its base colour.
-Stripes have a 50 % duty cycle: clean renders score 0.35–0.6, degraded ones ≥ 0.17 (64 px); unstriped
+Stripes have a 50 % duty cycle, two pairs across the object: clean renders score 0.19–0.62 (the share
+depends on the phase), degraded ones ≥ 0.075 (1 % below 0.175; 64 px); unstriped
 objects score ≤ 0.05, since the interior (the object eroded by 2 px at 64 px) leaves out the edge, where
 blends with a light background look like a light tone."""
 
