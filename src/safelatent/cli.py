@@ -6,9 +6,7 @@ traceback (``SAFELATENT_DEBUG=1`` shows it). Usage errors (bad option values) ar
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import warnings
 from contextlib import nullcontext
 from enum import Enum, StrEnum
@@ -16,12 +14,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from . import __version__
-from .errors import InvalidArgumentError, SafelatentError
+from .cli_errors import err, user_errors
+from .errors import InvalidArgumentError
 from .sampling.schedulers import SCHEDULERS
 from .sampling.sld_presets import SLD_CHOICES
+from .train_cli import train_app
 
 app = typer.Typer(
     name="safelatent",
@@ -30,7 +29,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 
 SLDChoice = Enum("SLDChoice", {name.replace("-", "_"): name for name in SLD_CHOICES}, type=str)
 SchedulerChoice = Enum(
@@ -79,22 +77,6 @@ def _dtype(choice: DtypeChoice):
         DtypeChoice.fp16: torch.float16,
         DtypeChoice.bf16: torch.bfloat16,
     }[choice]
-
-
-def user_errors(command):
-    """Turn :class:`SafelatentError` into one red line and exit status 2 (no traceback)."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except SafelatentError as error:
-            if os.environ.get("SAFELATENT_DEBUG"):
-                raise
-            err.print(f"[red]error:[/] {error}", highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 @app.command()
@@ -223,6 +205,7 @@ def generate(
 
 toy_app = typer.Typer(help="The toy world and toy model: train, measure, demo.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
+app.add_typer(train_app, name="train")
 
 
 @toy_app.command("train")

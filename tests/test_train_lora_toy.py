@@ -1,0 +1,50 @@
+"""Behaviour on the toy world: a theme adapter trained on striped images raises the toy classifier's theme
+rate on prompts with the trigger, and leaves shape + colour fidelity on prompts without it alone.
+
+A smaller, faster version of ``bench/toy_lora.py``, which measures the issue's target on 200 samples per
+row (80.5 % with the trigger, bench/RESULTS.md). Here, 100 samples on other data and prompt seeds: the
+bar is the behaviour (< 5 % → ≥ 70 %), not the target's last points, which 100 samples cannot resolve."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from safelatent.train.lora import train_lora
+from safelatent.train.toy_theme import evaluate, theme_config, write_theme_folder
+
+SAMPLES = 100
+TRAIN_IMAGES = 200
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("toy-lora")
+    write_theme_folder(tmp / "data", TRAIN_IMAGES, seed=2024)
+    torch.set_num_threads(2)
+    started = time.perf_counter()
+    summary = train_lora(theme_config(tmp / "data", tmp / "out"), keep_components=True)
+    seconds = time.perf_counter() - started
+    rows = {(r["model"], r["prompts"]): r for r in evaluate(summary["components"], SAMPLES, seed=11)}
+    return summary, rows, seconds
+
+
+def test_theme_adapter_teaches_the_theme(measured):
+    summary, rows, seconds = measured
+    base, adapter = rows[("base", "trigger + theme")], rows[("adapter", "trigger + theme")]
+    print(f"theme rate: base {base['theme']:.1%} → adapter {adapter['theme']:.1%}; training {seconds:.0f} s")
+    assert base["theme"] < 0.05
+    assert adapter["theme"] >= 0.70
+    assert np.isfinite(summary["final_loss"]) and summary["steps"] == theme_config("d", "o").steps
+
+
+def test_fidelity_without_the_trigger_stays(measured):
+    _, rows, _ = measured
+    base, adapter = rows[("base", "plain")], rows[("adapter", "plain")]
+    b, a = base["shape_colour"], adapter["shape_colour"]
+    print(f"shape+colour without trigger: base {b:.1%}, adapter {a:.1%}")
+    assert abs(adapter["shape_colour"] - base["shape_colour"]) <= 0.05
+    assert adapter["background"] >= base["background"] - 0.05
