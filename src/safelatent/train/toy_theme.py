@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..api import Pipeline
 from ..toy import world
 from ..toy.evaluate import ToyQualityConfig, _score, generate_images, sample_prompt_attributes
+from ..toy.train import round_trip
 from .config import LoraTrainConfig
 
 TRIGGER = "sks"
@@ -67,14 +67,9 @@ def theme_config(data_dir: Path, out_dir: Path, **overrides) -> LoraTrainConfig:
     return LoraTrainConfig(**settings)
 
 
-@torch.no_grad()
 def vae_round_trip_theme_rate(components, images: np.ndarray) -> float:
     """Theme rate of ``images`` after encode → decode (posterior mean) with the model's autoencoder."""
-    vae = components.vae
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().to(vae.device, vae.dtype) / 127.5 - 1.0
-    out = vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1)
-    out = ((out + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return float(np.mean([v.theme for v in world.classify_batch(out)]))
+    return float(np.mean([v.theme for v in world.classify_batch(round_trip(components.vae, images))]))
 
 
 def evaluate(components, samples: int, seed: int, batch_size: int = 100) -> list[dict]:
