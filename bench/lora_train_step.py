@@ -31,49 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from random_sd15 import build_components
 
 TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 RANK = 4
 LR = 1e-4
 CAPTION = "a photograph of an astronaut riding a horse"
-#: ``--widths tiny``: SD 1.5's block types and key layout with reduced widths (for smoke tests only)
-TINY = {
-    "unet": {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1, "cross_attention_dim": 32,
-             "attention_head_dim": 4},
-    "vae": {"block_out_channels": [32, 32, 64, 64], "layers_per_block": 1},
-    "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-                     "num_hidden_layers": 2, "projection_dim": 32},
-}  # fmt: skip
-
-
-def build_components(widths: str):
-    """Random-weight SD 1.5 components (fp32, CPU) from the shipped configs."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from safelatent.models.components import StableDiffusionComponents
-    from safelatent.models.shipped import load_component_config
-    from safelatent.models.tokenizer import load_clip_tokenizer
-
-    def config(name):
-        values = {k: v for k, v in load_component_config("sd15", name).items() if not k.startswith("_")}
-        values.update(TINY.get(name, {}) if widths == "tiny" else {})
-        return values
-
-    torch.manual_seed(0)
-    text_config = {
-        k: v for k, v in config("text_encoder").items() if k not in ("architectures", "torch_dtype")
-    }
-    return StableDiffusionComponents(
-        unet=UNet2DConditionModel(**config("unet")),
-        vae=AutoencoderKL(**config("vae")),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=load_clip_tokenizer(),
-        scheduler=DDPMScheduler.from_config(config("scheduler")),
-        architecture="sd15",
-        source=f"random-sd15-{widths}",
-        model_hash="random",
-    )
 
 
 def _sync(device: str) -> None:

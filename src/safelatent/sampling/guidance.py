@@ -79,8 +79,17 @@ def sld_guidance(
     * Eq. 3 — ``ε = ε_∅ + s_g (ε_p − ε_∅ − γ_t)``, the safety term applied only once
       ``step_index >= warmup_steps`` (the paper's δ).
 
-    Returns the guided prediction and the new momentum ``ν``. Pure: no state outside the arguments.
+    Returns the guided prediction (in the predictions' dtype) and the new momentum ``ν`` (float32).
+    Pure: no state outside the arguments.
+
+    The math runs in float32 whatever the predictions' dtype, and the result is rounded once: in fp16
+    the scaled difference, the momentum and the final combination each round to ~3 significant digits
+    (the momentum over all steps). The mask itself barely moves — ``ε_p − ε_S`` of two fp16 values near λ
+    is exact (Sterbenz) and only λ = 0.01 rounds to 0.0100021 — which ``bench/sld_speed.py`` measures as a
+    flip rate. (diffusers' pipeline computes in the model dtype; in float32 the two are identical.)
     """
+    out_dtype = eps_text.dtype
+    eps_uncond, eps_text, eps_concept = eps_uncond.float(), eps_text.float(), eps_concept.float()
     if momentum is None:
         momentum = torch.zeros_like(eps_text)
     noise_guidance = eps_text - eps_uncond
@@ -92,7 +101,7 @@ def sld_guidance(
     momentum = config.momentum_beta * momentum + (1 - config.momentum_beta) * safety_guidance
     if step_index >= warmup_steps:
         noise_guidance = noise_guidance - safety_guidance
-    return eps_uncond + cfg_scale * noise_guidance, momentum
+    return (eps_uncond + cfg_scale * noise_guidance).to(out_dtype), momentum
 
 
 @dataclass(frozen=True)

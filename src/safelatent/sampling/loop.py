@@ -81,7 +81,11 @@ def sample(
         raise ValueError(f"conditioning has {len(branches)} branches, guidance expects {expected}")
     device = unet.device
     dtype = unet.dtype
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    # The scheduler works on CPU timesteps (its tables are indexed on the host, so stepping never waits
+    # for the GPU); the UNet gets one device copy of all timesteps, made once.
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    timesteps = scheduler.timesteps
+    unet_timesteps = timesteps.to(device)
     if latents is None:
         if latent_shape is None:
             raise ValueError("give latent_shape or latents")
@@ -91,14 +95,18 @@ def sample(
     encoder_hidden_states = torch.cat(branches).to(device=device, dtype=dtype)
     step_kwargs = _step_kwargs(scheduler, generator, eta)
     state = guidance.start(num_inference_steps)
-    timesteps = scheduler.timesteps
     n_branches = len(branches)
     with _progress(progress) as bar:
         task = bar.add_task("sampling", total=len(timesteps)) if bar is not None else None
         for step_index, t in enumerate(timesteps):
             model_input = torch.cat([latents] * n_branches) if n_branches > 1 else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            noise = unet(model_input, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+            noise = unet(
+                model_input,
+                unet_timesteps[step_index],
+                encoder_hidden_states=encoder_hidden_states,
+                return_dict=False,
+            )[0]
             split = noise.chunk(n_branches)
             offset = int(guidance.needs_uncond)
             preds = BranchPredictions(
