@@ -1,0 +1,1 @@
+"""Security layers: prompt policy, output classifiers, provenance, audit (see the README)."""

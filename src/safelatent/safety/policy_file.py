@@ -1,0 +1,398 @@
+"""Prompt policy files (TOML): what each category does, validated with the line of every mistake.
+
+A policy file (``tomllib``; see ``safety/data/default_policy.toml`` for a documented example)::
+
+    version = 1
+    name = "default"
+    description = "..."
+
+    [similarity]                 # optional text-encoder scorer (needs the loaded model)
+    enabled = false
+    threshold = 0.9              # cosine similarity to a concept phrase that counts as a hit
+
+    [categories.sexual]          # sexual | violence | self_harm | hate
+    action = "suppress"          # allow | suppress | block
+    threshold = 0.5              # score in [0, 1] at which the action applies
+    sld = "strong"               # SLD preset used when suppressing (safelatent.sampling.sld_presets)
+    concept = "sexual, nudity"   # SLD concept text when suppressing
+    extra_words = ["..."]        # more entries for the category's word list ("word @ 0.4" for a weight)
+    concept_phrases = ["..."]    # phrases for the similarity scorer (default: the concept, split at commas)
+
+    [categories.sexual_minors]   # HARD: only action = "block" is accepted
+    [categories.real_people]     # HARD: only action = "block" is accepted
+
+    [names]
+    files = ["people.txt"]       # more name lists for the real_people hard block (relative to the file);
+                                 # the shipped safety/data/real_people.txt always applies as well
+
+Omitted categories take the default policy's settings. Hard categories always block: a file that sets
+one to ``allow``/``suppress`` raises :class:`HardBlockRelaxationError`; every other mistake raises
+:class:`PolicyFileError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidArgumentError
+
+#: Policy categories whose action a policy chooses.
+CATEGORIES = ("sexual", "violence", "self_harm", "hate")
+#: Hard-block categories: always ``block``, whatever a policy file or a request says.
+HARD_CATEGORIES = ("sexual_minors", "real_people")
+#: The actions, from weakest to strongest.
+ACTIONS = ("allow", "suppress", "block")
+
+_SLD_NAMES = ("weak", "weak-diffusers", "medium", "strong", "max")
+_TOP_KEYS = {"version", "name", "description", "similarity", "categories", "names"}
+_CATEGORY_KEYS = {"action", "threshold", "sld", "concept", "extra_words", "concept_phrases"}
+
+
+class PolicyFileError(InvalidArgumentError):
+    """A prompt policy file that cannot be used: bad TOML, an unknown or mistyped field."""
+
+
+class HardBlockRelaxationError(InvalidArgumentError):
+    """A policy file or a request tried to relax a hard block (sexual content involving minors, sexual
+    or violent depictions of real, named people). Hard blocks cannot be relaxed."""
+
+
+class PromptBlockedError(InvalidArgumentError):
+    """The prompt policy blocked a prompt; the message says which category and which words."""
+
+
+@dataclass(frozen=True)
+class CategoryPolicy:
+    """What one category does: ``action`` when its score reaches ``threshold``; when suppressing,
+    SLD at preset ``sld`` with ``concept`` as the safety concept text."""
+
+    action: str
+    threshold: float = 0.5
+    sld: str = "strong"
+    concept: str = ""
+    extra_words: tuple[str, ...] = ()
+    concept_phrases: tuple[str, ...] = ()
+
+    def phrases(self) -> tuple[str, ...]:
+        """The similarity scorer's phrases: ``concept_phrases``, else the concept split at commas."""
+        if self.concept_phrases:
+            return self.concept_phrases
+        return tuple(p.strip() for p in self.concept.split(",") if p.strip())
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated prompt policy: per-category settings, the similarity scorer's settings and the
+    real-people name lists. Hard categories are always present with ``action="block"``."""
+
+    name: str
+    categories: dict[str, CategoryPolicy]
+    description: str = ""
+    similarity_enabled: bool = False
+    similarity_threshold: float = 0.9
+    name_files: tuple[Path, ...] = ()
+    names: tuple[str, ...] = ()
+    source: str = "<built-in>"
+
+    def action(self, category: str) -> str:
+        """The action configured for ``category``."""
+        return self.categories[category].action
+
+    def with_overrides(self, overrides: dict[str, str] | None) -> Policy:
+        """A copy with per-request category actions replaced (``{"violence": "block"}``).
+
+        A request may make any policy category stricter or laxer, but never a hard category:
+        anything but ``block`` for one raises :class:`HardBlockRelaxationError`.
+        """
+        if not overrides:
+            return self
+        categories = dict(self.categories)
+        for category, action in overrides.items():
+            if category in HARD_CATEGORIES:
+                if action != "block":
+                    raise HardBlockRelaxationError(
+                        f"request refused: it asks for {category!r} to be {action!r}, but {category!r} is a"
+                        f" hard block ({_HARD_WHAT[category]}) that no policy or request can relax",
+                        "remove that override; change the prompt instead",
+                    )
+                continue
+            if category not in categories:
+                raise InvalidArgumentError(
+                    f"unknown policy category {category!r} in the request's overrides",
+                    f"choose one of: {', '.join(CATEGORIES)}",
+                )
+            if action not in ACTIONS:
+                raise InvalidArgumentError(
+                    f"unknown action {action!r} for category {category!r}",
+                    f"choose one of: {', '.join(ACTIONS)}",
+                )
+            categories[category] = replace(categories[category], action=action)
+        return replace(self, categories=categories)
+
+
+_HARD_WHAT = {
+    "sexual_minors": "sexual content involving minors",
+    "real_people": "sexual or violent depictions of real, named people",
+}
+
+
+def data_path(name: str) -> Path:
+    """The path of a file shipped in ``safelatent/safety/data``."""
+    return Path(str(resources.files("safelatent.safety").joinpath("data", name)))
+
+
+def read_names(path: str | os.PathLike) -> tuple[str, ...]:
+    """Names from a name-list file: one per line, ``#`` comments and blank lines ignored."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise PolicyFileError(
+            f"cannot read the name list {path}: {error.strerror or error}",
+            "check the path in the policy's [names] files",
+        ) from None
+    names = []
+    for line in text.splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            names.append(entry)
+    return tuple(names)
+
+
+def _key_line(text: str, section: str | None, key: str | None) -> int | None:
+    """The 1-based line of ``key`` inside table ``section`` (dotted, e.g. ``categories.sexual``), or of the
+    table header when ``key`` is None; found by scanning the text (tomllib keeps no positions)."""
+    current: str | None = None
+    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+    assign = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-.]+)\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        match = header.match(line)
+        if match:
+            current = re.sub(r"\s*\.\s*", ".", match.group(1)).replace('"', "").replace("'", "")
+            if key is None and current == section:
+                return number
+            continue
+        match = assign.match(line)
+        if match is None or key is None:
+            continue
+        name = match.group(1).strip("\"'")
+        full = f"{current}.{name}" if current else name
+        if full == (f"{section}.{key}" if section else key):
+            return number
+    return None
+
+
+class _Reader:
+    """Validates a parsed policy table and turns each mistake into a PolicyFileError with a line."""
+
+    def __init__(self, text: str, source: str) -> None:
+        """Keep the file's text (to find lines) and its name (for messages)."""
+        self.text = text
+        self.source = source
+
+    def where(self, section: str | None, key: str | None) -> str:
+        """'FILE, line N, field 'a.b'' for ``key`` in ``section`` (without the line if it is not found)."""
+        line = _key_line(self.text, section, key)
+        if line is None and key is not None:  # a sub-table ([categories.gore]), else the table header
+            line = _key_line(self.text, f"{section}.{key}" if section else key, None)
+            line = line or _key_line(self.text, section, None)
+        field_name = ".".join(p for p in (section, key) if p)
+        return (
+            f"{self.source}, line {line}, field {field_name!r}" if line else f"{self.source}, {field_name!r}"
+        )
+
+    def fail(self, section: str | None, key: str | None, what: str, hint: str) -> PolicyFileError:
+        """A PolicyFileError for ``key`` in ``section``: where, what was wrong, what to do."""
+        return PolicyFileError(f"{self.where(section, key)}: {what}", hint)
+
+    def unknown_keys(self, table: dict, allowed: set[str], section: str | None) -> None:
+        """Raise for the first key of ``table`` that is not in ``allowed`` (typos must not pass silently)."""
+        for key in table:
+            if key not in allowed:
+                raise self.fail(
+                    section, key, "unknown field", f"the fields here are: {', '.join(sorted(allowed))}"
+                )
+
+    def get(self, table: dict, section: str | None, key: str, kind: type | tuple, default: Any) -> Any:
+        """``table[key]`` checked to be of type ``kind`` (a bool is never a number), or ``default``."""
+        if key not in table:
+            return default
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
+            raise self.fail(section, key, f"must be a {names}, got {value!r}", "fix the value")
+        return value
+
+    def string_list(self, table: dict, section: str, key: str) -> tuple[str, ...]:
+        """``table[key]`` as a tuple of stripped non-empty strings (``()`` when absent)."""
+        value = self.get(table, section, key, list, [])
+        if not all(isinstance(item, str) and item.strip() for item in value):
+            raise self.fail(section, key, "must be a list of non-empty strings", 'e.g. ["word", "two words"]')
+        return tuple(item.strip() for item in value)
+
+
+def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Policy:
+    """Validate policy TOML ``text`` and return the :class:`Policy`; ``source`` names it in errors and
+    ``base_dir`` resolves relative name-list paths. Omitted categories take the default policy's."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise PolicyFileError(f"{source}: not valid TOML: {error}", "fix the syntax at that line") from None
+    reader = _Reader(text, source)
+    reader.unknown_keys(data, _TOP_KEYS, None)
+    version = reader.get(data, None, "version", int, 1)
+    if version != 1:
+        raise reader.fail(None, "version", f"unsupported policy version {version}", "use version = 1")
+    name = reader.get(data, None, "name", str, Path(source).stem)
+    description = reader.get(data, None, "description", str, "")
+
+    similarity = reader.get(data, None, "similarity", dict, {})
+    reader.unknown_keys(similarity, {"enabled", "threshold"}, "similarity")
+    enabled = reader.get(similarity, "similarity", "enabled", bool, False)
+    sim_threshold = float(reader.get(similarity, "similarity", "threshold", (int, float), 0.9))
+    if not -1.0 <= sim_threshold <= 1.0:
+        raise reader.fail("similarity", "threshold", f"must be in [-1, 1], got {sim_threshold}", "e.g. 0.9")
+
+    defaults = _builtin_defaults()
+    categories = dict(defaults)
+    given = reader.get(data, None, "categories", dict, {})
+    for category, table in given.items():
+        section = f"categories.{category}"
+        if category not in CATEGORIES and category not in HARD_CATEGORIES:
+            raise reader.fail(
+                "categories",
+                category,
+                f"unknown category {category!r}",
+                f"the categories are: {', '.join(CATEGORIES + HARD_CATEGORIES)}",
+            )
+        if not isinstance(table, dict):
+            raise reader.fail(section, None, "must be a table", f"write [categories.{category}]")
+        reader.unknown_keys(table, _CATEGORY_KEYS, section)
+        action = reader.get(table, section, "action", str, categories[category].action)
+        if category in HARD_CATEGORIES:
+            if action != "block":
+                raise HardBlockRelaxationError(
+                    f"{reader.where(section, 'action')}: {category!r} is a hard block"
+                    f" ({_HARD_WHAT[category]}); a policy cannot set it to {action!r}",
+                    'remove the line or write action = "block"',
+                )
+            extra = set(table) - {"action"}
+            if extra:
+                key = sorted(extra)[0]
+                raise reader.fail(section, key, 'a hard category takes only action = "block"', "remove it")
+            continue
+        if action not in ACTIONS:
+            raise reader.fail(
+                section, "action", f"unknown action {action!r}", f"use one of: {', '.join(ACTIONS)}"
+            )
+        base = categories[category]
+        threshold = float(reader.get(table, section, "threshold", (int, float), base.threshold))
+        if not 0.0 < threshold <= 1.0:
+            raise reader.fail(section, "threshold", f"must be in (0, 1], got {threshold}", "e.g. 0.5")
+        sld = reader.get(table, section, "sld", str, base.sld)
+        if sld not in _SLD_NAMES:
+            raise reader.fail(
+                section, "sld", f"unknown SLD preset {sld!r}", f"use one of: {', '.join(_SLD_NAMES)}"
+            )
+        concept = reader.get(table, section, "concept", str, base.concept)
+        if action == "suppress" and not concept.strip():
+            raise reader.fail(
+                section, "concept", "suppress needs a non-empty concept text", 'e.g. concept = "gore"'
+            )
+        categories[category] = CategoryPolicy(
+            action=action,
+            threshold=threshold,
+            sld=sld,
+            concept=concept,
+            extra_words=reader.string_list(table, section, "extra_words"),
+            concept_phrases=reader.string_list(table, section, "concept_phrases") or base.concept_phrases,
+        )
+
+    names_table = reader.get(data, None, "names", dict, {})
+    reader.unknown_keys(names_table, {"files"}, "names")
+    # The installation's own list (package data) always applies: a policy can add lists, never drop it.
+    files = [data_path("real_people.txt")]
+    for entry in reader.string_list(names_table, "names", "files"):
+        path = Path(entry).expanduser()
+        if not path.is_absolute():
+            path = (base_dir or Path.cwd()) / path
+        if not path.is_file():
+            raise reader.fail(
+                "names", "files", f"name list {entry!r} not found (looked at {path})", "fix the path"
+            )
+        if path.resolve() not in {f.resolve() for f in files}:
+            files.append(path)
+    names = tuple(dict.fromkeys(name for path in files for name in read_names(path)))
+    return Policy(
+        name=name,
+        description=description,
+        categories=categories,
+        similarity_enabled=enabled,
+        similarity_threshold=sim_threshold,
+        name_files=tuple(files),
+        names=names,
+        source=source,
+    )
+
+
+def load_policy(path: str | os.PathLike | None = None) -> Policy:
+    """Read and validate the policy file at ``path``; ``None`` is the shipped default policy, and the
+    names ``"default"`` and ``"artist"`` are the shipped policies."""
+    if path is None or str(path) in ("default", "artist"):
+        path = data_path(f"{path or 'default'}_policy.toml")
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PolicyFileError(
+            f"policy file {path} not found", "give the path of a .toml policy file, or 'default'/'artist'"
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise PolicyFileError(f"cannot read policy file {path}: {error}", "check the file") from None
+    return parse_policy(text, source=str(path), base_dir=path.parent)
+
+
+_BUILTIN: dict[str, CategoryPolicy] | None = None
+
+
+def _builtin_defaults() -> dict[str, CategoryPolicy]:
+    """The categories of the shipped default policy, as a fallback for omitted ones (read once)."""
+    global _BUILTIN
+    if _BUILTIN is None:
+        _BUILTIN = {c: CategoryPolicy(action="block") for c in HARD_CATEGORIES}
+        _BUILTIN.update(
+            {c: CategoryPolicy(action="suppress", concept=c.replace("_", " ")) for c in CATEGORIES}
+        )
+        path = data_path("default_policy.toml")
+        default = parse_policy(path.read_text(encoding="utf-8"), source=str(path), base_dir=path.parent)
+        _BUILTIN = dict(default.categories)
+    return dict(_BUILTIN)
+
+
+def default_policy() -> Policy:
+    """The shipped default policy (``safety/data/default_policy.toml``)."""
+    return load_policy(None)
+
+
+__all__ = [
+    "ACTIONS",
+    "CATEGORIES",
+    "HARD_CATEGORIES",
+    "CategoryPolicy",
+    "HardBlockRelaxationError",
+    "Policy",
+    "PolicyFileError",
+    "PromptBlockedError",
+    "data_path",
+    "default_policy",
+    "load_policy",
+    "parse_policy",
+    "read_names",
+]
