@@ -18,6 +18,7 @@ import typer
 from . import __version__
 from .cli_errors import err, user_errors
 from .errors import InvalidArgumentError
+from .provenance_cli import register as register_provenance
 from .sampling.schedulers import SCHEDULERS
 from .sampling.sld_presets import SLD_CHOICES
 from .train_cli import train_app
@@ -219,6 +220,7 @@ def generate(
 toy_app = typer.Typer(help="The toy world and toy model: train, measure, demo.", no_args_is_help=True)
 app.add_typer(toy_app, name="toy")
 app.add_typer(train_app, name="train")
+register_provenance(app)
 
 
 @toy_app.command("train")
