@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from . import __version__
+from .audit_cli import register as register_audit
 from .cli_errors import err, user_errors
 from .errors import InvalidArgumentError
 from .provenance_cli import register as register_provenance
@@ -221,6 +222,7 @@ toy_app = typer.Typer(help="The toy world and toy model: train, measure, demo.",
 app.add_typer(toy_app, name="toy")
 app.add_typer(train_app, name="train")
 register_provenance(app)
+register_audit(app)
 
 
 @toy_app.command("train")
