@@ -38,6 +38,17 @@ def trained(tmp_path_factory):
     return config, summary
 
 
+@pytest.fixture(scope="module")
+def base():
+    """The toy base model (no adapter), loaded once for the module; the tests only read it."""
+    return api.load(device="cpu").components
+
+
+@pytest.fixture(scope="module")
+def base_outputs(base):
+    return _outputs(base)
+
+
 def _inputs(components):
     torch.manual_seed(0)
     context = components.text_encoder.config.max_position_embeddings
@@ -70,7 +81,7 @@ def _fresh_with(path):
 
 
 @pytest.mark.parametrize("which", ["diffusers", "kohya"])
-def test_diffusers_loads_the_file_and_reproduces_the_trained_model(trained, which):
+def test_diffusers_loads_the_file_and_reproduces_the_trained_model(trained, base_outputs, which):
     _, summary = trained
     path = summary["lora_file"] if which == "diffusers" else summary["kohya_file"]
     fresh, state = _fresh_with(path)
@@ -80,11 +91,11 @@ def test_diffusers_loads_the_file_and_reproduces_the_trained_model(trained, whic
     torch.testing.assert_close(fresh_hidden, hidden, rtol=0, atol=1e-5)
     torch.testing.assert_close(fresh_out, out, rtol=0, atol=1e-5)
     # the adapter matters: the base model's output differs by far more than the tolerance
-    base_hidden, base_out = _outputs(api.load(device="cpu").components)
+    base_hidden, base_out = base_outputs
     assert (base_out - out).abs().max() > 1e-3 and (base_hidden - hidden).abs().max() > 1e-3
 
 
-def test_diffusers_file_layout_and_metadata(trained):
+def test_diffusers_file_layout_and_metadata(trained, base):
     config, summary = trained
     with safe_open(summary["lora_file"], "pt") as f:
         keys, header = list(f.keys()), f.metadata()
@@ -102,7 +113,7 @@ def test_diffusers_file_layout_and_metadata(trained):
     assert meta["format_version"] == 1
     assert (meta["rank"], meta["alpha"], meta["steps"]) == (RANK, ALPHA, 4)
     assert meta["architecture"] == "sd15" and len(meta["base_model_hash"]) == 10
-    assert meta["base_model_hash"] == api.load(device="cpu").components.model_hash
+    assert meta["base_model_hash"] == base.model_hash
     assert meta["config"] == config.as_dict()
     assert meta["data_summary"]["used"] == 8
 

@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -20,9 +21,10 @@ from safetensors.torch import load_file
 from safelatent.errors import InvalidArgumentError
 from safelatent.train import checkpoint as C
 from safelatent.train.lora import train_lora
+from safelatent.train_cli import train_app
 from tests.helpers.lora_training import tiny_config, write_toy_folder
 
-STEPS = 40
+STEPS = 24
 CLI = "import sys; from safelatent.train_cli import train_app; train_app(prog_name='safelatent train')"
 
 
@@ -59,11 +61,22 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     (tmp_path / "wide" / "0000.png").rename(data / "wide.png")
     (tmp_path / "wide" / "0000.txt").rename(data / "wide.txt")
 
+    # the reference: the same command, uninterrupted, run in this process (the CLI's own entry point; no
+    # interpreter start-up) on a thread of its own while the run to be killed goes on beside it
     uninterrupted = tmp_path / "a"
-    done = subprocess.run(_command(data, uninterrupted), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-3000:]
+    reference: dict = {}
 
-    kill_at = random.Random(os.getpid()).randint(5, 28)
+    def run_reference():
+        try:
+            train_app(_command(data, uninterrupted)[3:], prog_name="safelatent train", standalone_mode=False)
+        except BaseException as error:  # reported by the test below
+            reference["error"] = error
+
+    threads = torch.get_num_threads()
+    thread = threading.Thread(target=run_reference, daemon=True)
+    thread.start()
+
+    kill_at = random.Random(os.getpid()).randint(5, STEPS - 8)
     interrupted = tmp_path / "b"
     process = subprocess.Popen(_command(data, interrupted), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 1800
@@ -79,6 +92,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert not (interrupted / "pytorch_lora_weights.safetensors").exists()
     killed_at = _steps_logged(interrupted)
     assert C.latest_checkpoint(interrupted) is not None
+    thread.join(timeout=1800)
+    torch.set_num_threads(threads)
+    assert not thread.is_alive() and "error" not in reference, reference
 
     resumed = subprocess.run(
         _command(data, interrupted, "--resume"), capture_output=True, text=True, timeout=1800
