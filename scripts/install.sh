@@ -25,3 +25,5 @@ if [ -n "$EXTRAS" ]; then
 else
     "${PIP[@]}" -e .
 fi
+# NudeNet (its ONNX model ships in the wheel) without its opencv-python-headless pin: see pyproject.toml.
+"${PIP[@]}" --no-deps "nudenet==3.4.2"
