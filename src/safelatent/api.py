@@ -25,6 +25,7 @@ from . import __version__
 from .errors import InvalidArgumentError
 from .models.adapters import ActiveLora, LoraSpec, LoraStack
 from .models.components import StableDiffusionComponents
+from .safety.gate import Policy, apply_suppression, resolve_policy, screen_prompts
 from .sampling.conditioning import build_conditioning
 from .sampling.fast import CompiledUNet, FastPathConfig, resolve_compile
 from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
@@ -57,6 +58,8 @@ class GenerationSettings:
     safelatent_version: str = __version__
     #: active LoRA adapters: name, path, weight, hash (A1111 autov3), format, trigger_words
     loras: list[dict[str, Any]] = field(default_factory=list)
+    #: the prompt policy's name and its decision per prompt (normalised text, scores, reasons, actions)
+    policy: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +113,7 @@ def load(
     config_dir: str | Path | None = None,
     loras: Sequence[LoraSpec | str | os.PathLike] | None = None,
     compile: bool | None = None,
+    policy: Policy | str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file).
 
@@ -119,6 +123,9 @@ def load(
     ``loras`` (local files, ``"PATH[:WEIGHT]"`` strings or :class:`LoraSpec`) are applied with
     :meth:`Pipeline.set_loras`. ``compile`` turns on the fast path (:meth:`Pipeline.enable_fast_path`:
     ``torch.compile`` with CUDA graphs, channels-last); ``None`` = on for CUDA, off on the CPU.
+    ``policy``: the prompt policy every :meth:`Pipeline.generate` call goes through (a
+    :class:`~safelatent.safety.policy_file.Policy`, a TOML path, or a shipped name: ``default``,
+    ``artist``, ``evaluation``); ``None`` is ``default``. Hard blocks apply under every policy.
     """
     from .models.loading import load_components
     from .toy.model import toy_model_dir
@@ -135,7 +142,7 @@ def load(
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     components = load_components(model, device=device, dtype=dtype, config_dir=config_dir)
-    pipe = Pipeline(components)
+    pipe = Pipeline(components, policy=policy)
     if loras:
         pipe.set_loras(loras)
     if resolve_compile(compile, device):
@@ -147,8 +154,12 @@ class Pipeline:
     """Text-to-image generation over loaded components, with CFG or Safe Latent Diffusion, and LoRA
     adapters (:meth:`set_loras`)."""
 
-    def __init__(self, components: StableDiffusionComponents) -> None:
+    def __init__(
+        self, components: StableDiffusionComponents, *, policy: Policy | str | os.PathLike | None = None
+    ) -> None:
         self.components = components
+        #: the prompt policy every generate call goes through (hard blocks apply under any policy)
+        self.policy: Policy = resolve_policy(policy)
         self._lora_stack = LoraStack(
             components.unet, components.text_encoder, architecture=components.architecture
         )
@@ -285,6 +296,8 @@ class Pipeline:
         callback: StepCallback | None = None,
         progress: bool = False,
         return_pixels: bool = False,
+        policy: Policy | str | os.PathLike | None = None,
+        policy_overrides: dict[str, str] | None = None,
     ) -> GenerationResult:
         """Generate ``len(prompts) × num_images_per_prompt`` images.
 
@@ -294,6 +307,15 @@ class Pipeline:
         ``sld`` is a preset name (``weak``, ``weak-diffusers``, ``medium``, ``strong``, ``max``,
         ``off``) or an :class:`SLDConfig`. ``return_pixels`` keeps the float images (before uint8
         rounding) in ``result.pixels``.
+
+        Every prompt first goes through the prompt policy (``policy`` for this call, else the pipeline's;
+        ``policy_overrides`` set per-category actions for this request), before any compute: a blocked
+        prompt raises :class:`~safelatent.safety.policy_file.PromptBlockedError` with the reasons, and an
+        override that tries to relax a hard block raises
+        :class:`~safelatent.safety.policy_file.HardBlockRelaxationError`. If the policy *suppresses* a
+        category, SLD is turned on (the strongest preset the suppressed categories name, unless ``sld``
+        names one) and steers away from their concept text as well as from ``safety_concept``. The
+        decisions are in ``result.settings.policy``.
         """
         started = time.perf_counter()
         c = self.components
@@ -305,6 +327,10 @@ class Pipeline:
             raise InvalidArgumentError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompts", "give one, or one per prompt"
             )
+        decisions = screen_prompts(
+            prompts, resolve_policy(policy) if policy else self.policy, policy_overrides
+        )
+        sld, safety_concept = apply_suppression(decisions, sld, safety_concept)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
         self._validate(width, height, num_inference_steps, num_images_per_prompt, guidance_scale, eta)
@@ -380,6 +406,10 @@ class Pipeline:
             model_hash=c.model_hash,
             architecture=c.architecture,
             loras=[lora.as_dict() for lora in self.loras],
+            policy={
+                "name": decisions[0].policy,
+                "decisions": [decision.as_dict() for decision in decisions],
+            },
         )
         return GenerationResult(
             images=images,

@@ -70,6 +70,31 @@ def _parse_warmup(text: str | None) -> int | float | None:
     return value
 
 
+def _parse_overrides(values: list[str] | None) -> dict[str, str] | None:
+    """``["violence=block", ...]`` → ``{"violence": "block"}``."""
+    if not values:
+        return None
+    overrides = {}
+    for value in values:
+        category, sep, action = value.partition("=")
+        if not sep or not category.strip() or not action.strip():
+            raise InvalidArgumentError(
+                f"--policy-override {value!r} is not CATEGORY=ACTION", "e.g. --policy-override violence=block"
+            )
+        overrides[category.strip()] = action.strip()
+    return overrides
+
+
+def _policy_suppressions(result) -> list[str]:
+    """One line per prompt the policy suppressed (SLD turned on for it), with the categories and words."""
+    lines = []
+    for decision in (result.settings.policy or {}).get("decisions", []):
+        if decision["action"] == "suppress":
+            reasons = "; ".join(r for rs in decision["reasons"].values() for r in rs)
+            lines.append(f"SLD {decision['sld_preset']} on ({reasons})")
+    return lines
+
+
 def _dtype(choice: DtypeChoice):
     import torch
 
@@ -152,6 +177,21 @@ def generate(
             show_default=False,
         ),
     ] = None,
+    policy: Annotated[
+        str,
+        typer.Option(
+            help="Prompt policy: a TOML file, or default | artist | evaluation. Hard blocks apply under all."
+        ),
+    ] = "default",
+    policy_override: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy-override",
+            metavar="CATEGORY=ACTION",
+            help="Per-request category action (allow, suppress, block); repeat."
+            " Hard blocks cannot be relaxed.",
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Generate images from PROMPT with a local Stable Diffusion model, optionally with LoRAs and SLD.
@@ -176,9 +216,15 @@ def generate(
             raise InvalidArgumentError("--device cuda but no CUDA GPU is visible", "use --device cpu")
     if fuse_lora and not lora:
         raise InvalidArgumentError("--fuse-lora needs at least one --lora", "add --lora PATH[:WEIGHT]")
+    overrides = _parse_overrides(policy_override)
     with err.status("loading model…", spinner="dots") if not quiet else nullcontext():
         pipe = api.load(
-            model, device=resolved_device, dtype=_dtype(dtype), config_dir=config, compile=compile_unet
+            model,
+            device=resolved_device,
+            dtype=_dtype(dtype),
+            config_dir=config,
+            compile=compile_unet,
+            policy=policy,
         )
         if lora:
             pipe.set_loras(lora, fuse=fuse_lora)
@@ -202,7 +248,10 @@ def generate(
             width=width,
             height=height,
             progress=not quiet,
+            policy_overrides=overrides,
         )
+    for decision in _policy_suppressions(result):
+        err.print(f"[yellow]policy:[/] {decision}", highlight=False)
     for message in result.warnings:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
     paths = result.save(out)

@@ -342,17 +342,24 @@ def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None =
     )
 
 
+#: Policies that ship in ``safety/data/<name>_policy.toml``: ``default`` (suppress the soft categories
+#: with SLD), ``artist`` (fictional violence allowed), ``evaluation`` (measurement: soft categories
+#: allowed). Hard blocks are the same in all.
+SHIPPED_POLICIES = ("default", "artist", "evaluation")
+
+
 def load_policy(path: str | os.PathLike | None = None) -> Policy:
     """Read and validate the policy file at ``path``; ``None`` is the shipped default policy, and the
-    names ``"default"`` and ``"artist"`` are the shipped policies."""
-    if path is None or str(path) in ("default", "artist"):
+    names in :data:`SHIPPED_POLICIES` are the shipped policies."""
+    if path is None or str(path) in SHIPPED_POLICIES:
         path = data_path(f"{path or 'default'}_policy.toml")
     path = Path(path).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise PolicyFileError(
-            f"policy file {path} not found", "give the path of a .toml policy file, or 'default'/'artist'"
+            f"policy file {path} not found",
+            f"give the path of a .toml policy file, or one of: {', '.join(SHIPPED_POLICIES)}",
         ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise PolicyFileError(f"cannot read policy file {path}: {error}", "check the file") from None

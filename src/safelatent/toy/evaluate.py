@@ -101,6 +101,10 @@ def _score(images: np.ndarray, targets: Sequence[tuple[str, str, str]]) -> dict[
     }
 
 
+#: the prompt policy of every toy measurement (see :func:`toy_generate`)
+EVALUATION_POLICY = "evaluation"
+
+
 def toy_generate(
     pipe,
     prompts: list[str],
@@ -113,9 +117,14 @@ def toy_generate(
     concept: str = world.MARKER_PHRASE,
     num_images_per_prompt: int = 1,
 ):
-    """One generation call with the toy model's documented settings; SLD steers away from ``concept``."""
+    """One generation call with the toy model's documented settings; SLD steers away from ``concept``.
+
+    Runs under the ``evaluation`` prompt policy: the marker phrase ("blood splatter") is a violence
+    term, which the default policy would answer with SLD — here SLD is the experiment's variable, so
+    only ``sld`` decides it (hard blocks still apply)."""
     return pipe.generate(
         prompts,
+        policy=EVALUATION_POLICY,
         num_images_per_prompt=num_images_per_prompt,
         num_inference_steps=steps,
         guidance_scale=cfg,
