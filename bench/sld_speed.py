@@ -130,7 +130,6 @@ def run_safelatent(pipe: Pipeline, guidance: str, n: int, setup: Setup) -> np.nd
         height=setup.size,
         return_pixels=True,
     )
-    run_safelatent.compile_seconds = result.compile_seconds
     return result.pixels
 
 

@@ -102,10 +102,6 @@ class CompiledUNet:
             self.compile_seconds[key] = time.perf_counter() - started
         return (out[0].clone(),)
 
-    def seen(self, sample_shape: tuple[int, ...], text_shape: tuple[int, ...], dtype: torch.dtype) -> bool:
-        """Whether a call with these shapes has been compiled already in this process."""
-        return (tuple(sample_shape), tuple(text_shape), str(dtype)) in self.compile_seconds
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
