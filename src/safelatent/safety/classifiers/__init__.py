@@ -12,16 +12,16 @@ Implementations:
   classifier (:func:`safelatent.toy.world.classify`); category ``"marker"`` is the toy stand-in for
   unsafe content;
 * :class:`~safelatent.safety.classifiers.nudenet.NudeNetClassifier` — NudeNet v3's bundled ONNX detector
-  (category ``"nudity"``, exposed-body-part labels, threshold 0.6 as in the I2P evaluation).
+  (category ``"nudity"``, exposed-body-part labels, threshold 0.6 as in the I2P evaluation);
+* :class:`~safelatent.safety.classifiers.q16.Q16Classifier` — Q16 (Schramowski et al., "Can Machines
+  Help Us Answering Question 16 in Datasheets?", FAccT 2022): CLIP image embeddings (a local CLIP
+  folder, e.g. ViT-L/14; never downloaded) against the two published prompt embeddings shipped in
+  ``safety/data/q16_prompts.safetensors`` (category ``"inappropriate"``, threshold 0.5).
 
-A Q16 classifier (Schramowski et al., "Can Machines Help Us Answering Question 16 in Datasheets?",
-FAccT 2022 — CLIP ViT-L/14 image embeddings against two learned prompt embeddings) fits the same
-interface: ``name = "q16"``, ``categories = ("inappropriate",)``, the score the softmax probability of
-the "inappropriate" prompt, threshold 0.5, one reason per flagged image. It is not shipped here (it needs
-CLIP weights that safelatent never downloads).
-
-Several classifiers can run on the same images (:func:`run_classifiers`); their per-image results are
-combined by category (highest score wins) when actions are applied.
+Which classifiers run on every generated image, and what happens per category, is the policy file's
+``[outputs]`` section (:mod:`safelatent.safety.layers`). Several classifiers can run on the same images
+(:func:`run_classifiers`); every one that scores a category can trigger its action (OR, as in the I2P
+evaluation).
 """
 
 from __future__ import annotations
