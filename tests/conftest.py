@@ -42,3 +42,15 @@ def block_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
     monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
     return attempts
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_safelatent_state(tmp_path_factory):
+    """Every generation writes an audit row and may look for C2PA keys: point both at a session folder
+    (subprocesses inherit the variables), never at the user's ``~/.local/share`` or ``~/.config``."""
+    root = tmp_path_factory.mktemp("safelatent-state")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("SAFELATENT_AUDIT_DB", str(root / "audit.sqlite3"))
+    patch.setenv("SAFELATENT_KEYS_DIR", str(root / "no-keys"))
+    yield root
+    patch.undo()

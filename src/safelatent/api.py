@@ -25,7 +25,10 @@ from . import __version__
 from .errors import InvalidArgumentError
 from .models.adapters import ActiveLora, LoraSpec, LoraStack
 from .models.components import StableDiffusionComponents
-from .safety.gate import Policy, apply_suppression, resolve_policy, screen_prompts
+from .safety.gate import Policy, apply_suppression, raise_if_blocked, resolve_policy, screen_prompts
+from .safety.layers import ImageSafety, SecurityLayers, new_request_id
+from .safety.policy_file import HardBlockRelaxationError, PromptBlockedError, ProvenancePolicy
+from .safety.prompt_policy import TextEncoderSimilarity
 from .sampling.conditioning import build_conditioning
 from .sampling.fast import CompiledUNet, FastPathConfig, resolve_compile
 from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
@@ -67,16 +70,32 @@ class GenerationSettings:
 
 @dataclass
 class GenerationResult:
-    """Images (PIL, in prompt-major order) and the settings that made them."""
+    """Images (PIL, in prompt-major order) and the settings that made them.
 
-    images: list[Image.Image]
+    ``images[i]`` is ``None`` when the output classifiers withheld image *i* and a blurred copy when they
+    blurred it; ``safety[i]`` says what happened and why (action, reasons, every classifier's scores, the
+    watermark). Nothing is ever replaced by a blank stand-in.
+    """
+
+    images: list[Image.Image | None]
     settings: GenerationSettings
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    #: float images in [0, 1], ``[N, H, W, 3]``, before uint8 rounding (only with ``return_pixels``)
+    #: float images in [0, 1], ``[N, H, W, 3]``, before uint8 rounding (only with ``return_pixels``);
+    #: rows of blurred or withheld images are NaN (their pixels are not handed out)
     pixels: np.ndarray | None = None
     #: seconds this call spent on the first (compiling) UNet call of a new shape; 0 if none compiled
     compile_seconds: float = 0.0
+    #: per image: the output layers' action and reasons, classifier scores, watermark (layers 3 and 4)
+    safety: list[ImageSafety] = field(default_factory=list)
+    #: the request's id: in the audit log, the watermark payload ids and the C2PA manifest
+    request_id: str | None = None
+    #: the audit log row of this request (``None`` when the policy turns the log off)
+    audit_row: int | None = None
+    #: how :meth:`save` signs files (the policy's ``[provenance]``; ``None``: no C2PA)
+    provenance: ProvenancePolicy | None = None
+    #: set by :meth:`save`: whether the written files carry a signed C2PA manifest, or why not
+    c2pa_status: str | None = None
 
     def prompt_of(self, index: int) -> str:
         return self.settings.prompts[index // self.settings.num_images_per_prompt]
@@ -86,7 +105,8 @@ class GenerationResult:
         return None if negatives is None else negatives[index // self.settings.num_images_per_prompt]
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Write each image as PNG (with A1111-style ``parameters``) plus a JSON sidecar."""
+        """Write each image as PNG (with A1111-style ``parameters``, C2PA-signed when the policy says so)
+        plus a JSON sidecar; a withheld image only as ``NNNNN-SEED.withheld.json`` with the reasons."""
         from .output import save_result
 
         return save_result(self, out_dir)
@@ -298,6 +318,7 @@ class Pipeline:
         return_pixels: bool = False,
         policy: Policy | str | os.PathLike | None = None,
         policy_overrides: dict[str, str] | None = None,
+        request_id: str | None = None,
     ) -> GenerationResult:
         """Generate ``len(prompts) × num_images_per_prompt`` images.
 
@@ -316,6 +337,11 @@ class Pipeline:
         category, SLD is turned on (the strongest preset the suppressed categories name, unless ``sld``
         names one) and steers away from their concept text as well as from ``safety_concept``. The
         decisions are in ``result.settings.policy``.
+
+        After decoding, the policy's output layers run (:mod:`safelatent.safety.layers`): classifiers and
+        their actions (``result.images[i]`` is ``None`` when withheld, blurred when blurred; reasons in
+        ``result.safety``), the invisible watermark, and one audit-log row per request — blocked requests
+        included (``result.audit_row``; ``request_id`` names the row, default a random id).
         """
         started = time.perf_counter()
         c = self.components
@@ -327,8 +353,24 @@ class Pipeline:
             raise InvalidArgumentError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompts", "give one, or one per prompt"
             )
-        decisions = screen_prompts(
-            prompts, resolve_policy(policy) if policy else self.policy, policy_overrides
+        request_id = request_id or new_request_id()
+        active_policy = resolve_policy(policy) if policy else self.policy
+        layers = SecurityLayers(active_policy)
+        decisions = self._screen(
+            layers,
+            prompts,
+            policy_overrides,
+            request_id=request_id,
+            requested={
+                "prompts": prompts,
+                "negative_prompts": negatives,
+                "num_images_per_prompt": num_images_per_prompt,
+                "num_inference_steps": num_inference_steps,
+                "guidance_scale": guidance_scale,
+                "sld": sld,
+                "seed": seed,
+                "policy_overrides": policy_overrides,
+            },
         )
         sld, safety_concept = apply_suppression(decisions, sld, safety_concept)
         width = self.default_size if width is None else width
@@ -383,7 +425,9 @@ class Pipeline:
             if key not in compiled_before
         )
         pixels = decode_latents(c.vae, final)
-        images = [Image.fromarray(array) for array in to_uint8(pixels)]
+        outputs = layers.process_outputs(
+            [Image.fromarray(array) for array in to_uint8(pixels)], request_id=request_id
+        )
         description = guidance.describe()
         settings = GenerationSettings(
             prompts=tuple(prompts),
@@ -411,14 +455,65 @@ class Pipeline:
                 "decisions": [decision.as_dict() for decision in decisions],
             },
         )
+        audit_row = layers.record(
+            request_id=request_id,
+            prompts=prompts,
+            decisions=decisions,
+            settings=settings.as_dict(),
+            model_hash=c.model_hash,
+            adapters=settings.loras,
+            sld=settings.sld,
+            safety=outputs.safety,
+        )
+        returned_pixels = None
+        if return_pixels:
+            returned_pixels = pixels.numpy().copy()
+            for item in outputs.safety:
+                if item.action != "keep":
+                    returned_pixels[item.index] = np.nan
         return GenerationResult(
-            images=images,
+            images=outputs.images,
             settings=settings,
             warnings=list(conditioning.truncated),
             seconds=time.perf_counter() - started,
-            pixels=pixels.numpy() if return_pixels else None,
+            pixels=returned_pixels,
             compile_seconds=compile_seconds,
+            safety=outputs.safety,
+            request_id=request_id,
+            audit_row=audit_row,
+            provenance=active_policy.provenance,
         )
+
+    def _screen(
+        self,
+        layers: SecurityLayers,
+        prompts: list[str],
+        overrides: dict[str, str] | None,
+        *,
+        request_id: str,
+        requested: dict[str, Any],
+    ) -> list:
+        """Layer 1: the policy's decision per prompt. A refused request (a blocked prompt, an override
+        that tries to relax a hard block) is written to the audit log, then raised."""
+        c = self.components
+        policy = layers.policy
+        similarity = TextEncoderSimilarity(c.tokenizer, c.text_encoder) if policy.similarity_enabled else None
+        decisions = None
+        try:
+            decisions = screen_prompts(prompts, policy, overrides, similarity)
+            raise_if_blocked(decisions)
+        except (PromptBlockedError, HardBlockRelaxationError) as error:
+            layers.record(
+                request_id=request_id,
+                prompts=prompts,
+                decisions=decisions,
+                settings=requested,
+                model_hash=c.model_hash,
+                adapters=[lora.as_dict() for lora in self.loras],
+                refusal=str(error),
+            )
+            raise
+        return decisions
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

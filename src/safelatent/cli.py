@@ -95,6 +95,27 @@ def _policy_suppressions(result) -> list[str]:
     return lines
 
 
+def _layer_report(result) -> list[str]:
+    """What the output layers did: one line per blurred or withheld image, the watermark, C2PA, audit."""
+    lines = []
+    for item in result.safety:
+        if item.action != "keep":
+            lines.append(f"[yellow]image {item.index}:[/] {'; '.join(item.reasons)}")
+    marks = [item.watermark for item in result.safety if item.action != "withhold"]
+    embedded = [m.content_id for m in marks if m.embedded]
+    if embedded:
+        lines.append(
+            f"watermark: embedded in {len(embedded)} of {len(marks)} image(s), ids {', '.join(embedded)}"
+        )
+    elif marks:
+        lines.append(f"watermark: none — {marks[0].reason}")
+    if result.c2pa_status:
+        lines.append(f"C2PA: {result.c2pa_status}")
+    if result.audit_row is not None:
+        lines.append(f"audit: row {result.audit_row}, request {result.request_id}")
+    return lines
+
+
 def _dtype(choice: DtypeChoice):
     import torch
 
@@ -180,7 +201,8 @@ def generate(
     policy: Annotated[
         str,
         typer.Option(
-            help="Prompt policy: a TOML file, or default | artist | evaluation. Hard blocks apply under all."
+            help="Policy (prompt rules, output classifiers, provenance, audit): a TOML file, or default |"
+            " artist | evaluation | toy. Hard blocks apply under all."
         ),
     ] = "default",
     policy_override: Annotated[
@@ -255,6 +277,8 @@ def generate(
     for message in result.warnings:
         err.print(f"[yellow]warning:[/] {message}", highlight=False)
     paths = result.save(out)
+    for line in _layer_report(result):
+        err.print(line, highlight=False)
     s = result.settings
     sld_text = f"SLD {s.sld['sld_preset']}" if s.sld else "SLD off"
     if result.compile_seconds:
@@ -347,6 +371,13 @@ def toy_demo(
     pipe = api.load(model, device="cpu" if model is None else None)
     result = run_demo(pipe, out, seeds=seeds)
     for setting, rates in result.summary.items():
+        if setting == "layers":
+            err.print(
+                f"security layers (policy toy): {rates['blurred']} of {rates['images']} images blurred"
+                f" by the toy classifier after SLD {rates['sld']}; audit row {rates['audit_row']}",
+                highlight=False,
+            )
+            continue
         err.print(
             f"SLD {setting:7s} marker rate: {rates['marker_rate_on_marker_prompts']:.0%} on prompts"
             f" asking for it, {rates['marker_rate_on_plain_prompts']:.0%} on prompts without it",

@@ -5,10 +5,18 @@ The ``parameters`` chunk follows AUTOMATIC1111's format (prompt line, ``Negative
 which ComfyUI, InvokeAI and image hosts such as Civitai parse. Active LoRA adapters are listed as A1111
 does, ``Lora hashes: "name: <12 hex autov3>, ..."``, plus ``Lora weights: "name: 0.5, ..."``; the sidecar
 has each adapter's name, path, weight, hash, format and trigger words under ``settings.loras``.
+
+Security layers (:mod:`safelatent.safety.layers`): a **withheld** image is never written — only
+``NNNNN-SEED.withheld.json`` with the reasons; a blurred image is written blurred, with ``Safety: blur``
+and the reason in its ``parameters``. Every sidecar has the output layers' decision (``safety``), the
+request id (the audit log's key) and the provenance: the watermark's payload id, or why there is none,
+and the C2PA status. With the policy's ``[provenance] c2pa`` on (or ``"auto"`` and keys present), each
+PNG carries a C2PA manifest signed offline with the local keys (:mod:`safelatent.safety.c2pa_manifest`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from pathlib import Path
@@ -61,6 +69,9 @@ def parameters_text(result: GenerationResult, index: int) -> str:
         pairs += [("Batch size", s.num_images_per_prompt * len(s.prompts)), ("Batch pos", index)]
     if s.eta:
         pairs.append(("Eta", s.eta))
+    if index < len(result.safety) and result.safety[index].action != "keep":
+        item = result.safety[index]
+        pairs += [("Safety", item.action), ("Safety reason", "; ".join(item.reasons))]
     if s.sld:
         sld = s.sld
         pairs += [
@@ -80,33 +91,94 @@ def parameters_text(result: GenerationResult, index: int) -> str:
 
 
 def _next_number(out_dir: Path) -> int:
-    numbers = [int(m.group(1)) for p in out_dir.glob("*.png") if (m := _NUMBERED.match(p.name))]
+    numbers = [int(m.group(1)) for p in out_dir.iterdir() if (m := _NUMBERED.match(p.name))]
     return max(numbers, default=-1) + 1
 
 
+def _c2pa_plan(result: GenerationResult) -> tuple[Path | None, str]:
+    """``(keys_dir, "")`` when files are to be signed, else ``(None, why not)``; raises when the policy
+    requires C2PA and no keys exist."""
+    from .safety.keys import KeyPaths, ProvenanceError, default_keys_dir
+
+    provenance = result.provenance
+    if provenance is None or provenance.c2pa == "off":
+        return None, "not signed: C2PA is off in the policy"
+    keys_dir = (provenance.keys_dir or default_keys_dir()).expanduser()
+    paths = KeyPaths(keys_dir)
+    if not (paths.signer_cert.exists() and paths.signer_key.exists()):
+        if provenance.c2pa == "on":
+            raise ProvenanceError(
+                f"the policy requires C2PA signing, but {keys_dir} has no signing keys",
+                f"run `safelatent keys init --dir {keys_dir}`",
+            )
+        return None, f"not signed: no C2PA keys in {keys_dir} (create them with `safelatent keys init`)"
+    return keys_dir, ""
+
+
+def _sign(data: bytes, result: GenerationResult, index: int, keys_dir: Path, title: str) -> bytes:
+    from .safety.c2pa_manifest import GenerationRecord, sign_bytes
+
+    s = result.settings
+    item = result.safety[index] if index < len(result.safety) else None
+    record = GenerationRecord(
+        model_hash=s.model_hash,
+        adapters=[{k: lora.get(k) for k in ("name", "hash", "weight")} for lora in s.loras],
+        extra={
+            "request_id": result.request_id,
+            "image_index": index,
+            "seed": s.seed,
+            "watermark_id": item.watermark.content_id if item else None,
+            "safety_action": item.action if item else None,
+        },
+    )
+    return sign_bytes(data, record, keys_dir=keys_dir, title=title)
+
+
 def save_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
-    """Save every image of ``result`` as ``NNNNN-<seed>.png`` + ``NNNNN-<seed>.json``, never overwriting."""
+    """Save every image of ``result`` as ``NNNNN-<seed>.png`` + ``NNNNN-<seed>.json`` (a withheld image:
+    only ``NNNNN-<seed>.withheld.json``), never overwriting. Returns the PNG paths, in order."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidArgumentError(f"output path {out_dir} is a file", "pass a folder to --out")
+    keys_dir, c2pa_status = _c2pa_plan(result)
+    result.c2pa_status = f"signed with the keys in {keys_dir}" if keys_dir is not None else c2pa_status
     out_dir.mkdir(parents=True, exist_ok=True)
     first = _next_number(out_dir)
     seed = result.settings.seed if result.settings.seed is not None else "gen"
     paths = []
     for index, image in enumerate(result.images):
         stem = f"{first + index:05d}-{seed}"
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters_text(result, index))
-        png = out_dir / f"{stem}.png"
-        image.save(png, pnginfo=info)
+        item = result.safety[index] if index < len(result.safety) else None
         sidecar = {
-            "image": png.name,
+            "image": None,
             "index": index,
             "prompt": result.prompt_of(index),
             "negative_prompt": result.negative_prompt_of(index),
+            "request_id": result.request_id,
+            "safety": item.as_dict() if item else None,
             "settings": result.settings.as_dict(),
             "warnings": result.warnings,
             "seconds_for_call": round(result.seconds, 3),
+        }
+        if image is None:
+            sidecar["provenance"] = {"c2pa": "not signed: image withheld"}
+            (out_dir / f"{stem}.withheld.json").write_text(
+                json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"
+            )
+            continue
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters_text(result, index))
+        png = out_dir / f"{stem}.png"
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG", pnginfo=info)
+        data = buffer.getvalue()
+        if keys_dir is not None:
+            data = _sign(data, result, index, keys_dir, png.name)
+        png.write_bytes(data)
+        sidecar["image"] = png.name
+        sidecar["provenance"] = {
+            "watermark": item.as_dict()["watermark"] if item else None,
+            "c2pa": result.c2pa_status,
         }
         (out_dir / f"{stem}.json").write_text(json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n")
         paths.append(png)

@@ -17,7 +17,8 @@ settings       JSON: the generation settings (with ``store_prompt = false``, pro
 model_hash     the model's hash
 adapters       JSON list: one object per active adapter (name, hash, weight)
 layers         JSON object: per-layer decisions and scores — ``prompt_policy`` (decision, scores, reasons),
-               ``sld`` (on/off, preset, concept), ``classifiers`` (scores, actions, reasons)
+               ``sld`` (on/off, preset, concept), ``classifiers`` (scores, actions, reasons), and
+               ``provenance`` when given (watermark ids)
 outcome        one of :data:`OUTCOMES` (``generated``, ``blocked``, ``partially-withheld``, ...)
 reasons        JSON list of one-line reasons (what the table view shows)
 images         JSON list, one object per output image: ``index``, ``phash`` (imagehash pHash, 64-bit hex),
@@ -311,6 +312,8 @@ class AuditEntry:
     prompt_policy: Any = None
     sld: Mapping[str, Any] | None = None
     classifiers: Any = None
+    #: layer 4: e.g. ``{"watermark": [{"embedded": True, "content_id": "3fa2c1", ...}, ...]}``
+    provenance: Any = None
     images: Sequence[AuditImage] = ()
     outcome: str | None = None
     reasons: Sequence[str] | None = None
@@ -395,6 +398,8 @@ class AuditEntry:
             "sld": _jsonable(self.sld),
             "classifiers": _jsonable(self.classifiers),
         }
+        if self.provenance is not None:
+            layers["provenance"] = _jsonable(self.provenance)
         settings = _jsonable(self.settings)
         reasons = [str(r) for r in self.reasons] if self.reasons is not None else self._default_reasons()
         images = [

@@ -1,9 +1,10 @@
 """The prompt policy as the generation path uses it: screen every prompt before any compute, refuse
 blocked ones, and turn a *suppress* decision into SLD settings.
 
-:meth:`safelatent.api.Pipeline.generate` calls :func:`screen_prompts` and :func:`apply_suppression` on
-every call, so no caller can skip the policy by accident; hard blocks (sexual content involving minors,
-sexual or violent depictions of listed real people) apply under every policy and cannot be overridden
+:meth:`safelatent.api.Pipeline.generate` calls :func:`screen_prompts`, :func:`raise_if_blocked` and
+:func:`apply_suppression` on every call (a refused request is written to the audit log first), so no
+caller can skip the policy by accident; hard blocks (sexual content involving minors, sexual or violent
+depictions of listed real people) apply under every policy and cannot be overridden
 (:meth:`~safelatent.safety.policy_file.Policy.with_overrides`).
 """
 
@@ -15,9 +16,9 @@ from collections.abc import Sequence
 from ..errors import InvalidArgumentError
 from ..sampling.sld_presets import SLDConfig
 from .policy_file import Policy, load_policy
-from .prompt_policy import PolicyDecision, check_prompt
+from .prompt_policy import PolicyDecision, TextEncoderSimilarity, check_prompt
 
-__all__ = ["Policy", "apply_suppression", "resolve_policy", "screen_prompts"]
+__all__ = ["Policy", "apply_suppression", "raise_if_blocked", "resolve_policy", "screen_prompts"]
 
 #: SLD presets from weakest to strongest (a suppressed category names one)
 _SLD_STRENGTH = ("weak-diffusers", "weak", "medium", "strong", "max")
@@ -31,17 +32,28 @@ def resolve_policy(policy: Policy | str | os.PathLike | None) -> Policy:
 
 
 def screen_prompts(
-    prompts: Sequence[str], policy: Policy, overrides: dict[str, str] | None = None
+    prompts: Sequence[str],
+    policy: Policy,
+    overrides: dict[str, str] | None = None,
+    similarity: TextEncoderSimilarity | None = None,
 ) -> list[PolicyDecision]:
-    """The policy's decision for each prompt; raises
-    :class:`~safelatent.safety.policy_file.PromptBlockedError` for the first blocked prompt (its message
-    names the categories and matched words), and
-    :class:`~safelatent.safety.policy_file.HardBlockRelaxationError` for an override of a hard category."""
+    """The policy's decision for each prompt (blocked ones included: see :func:`raise_if_blocked`).
+
+    Raises :class:`~safelatent.safety.policy_file.HardBlockRelaxationError` for an override of a hard
+    category. ``similarity`` scores prompts in the model's text-encoder space when the policy enables it.
+    """
     if overrides is not None and not isinstance(overrides, dict):
         raise InvalidArgumentError(
             "policy overrides must be a mapping of category to action", 'e.g. {"violence": "block"}'
         )
-    return [check_prompt(prompt, policy, overrides=overrides).raise_if_blocked() for prompt in prompts]
+    return [check_prompt(prompt, policy, overrides=overrides, similarity=similarity) for prompt in prompts]
+
+
+def raise_if_blocked(decisions: Sequence[PolicyDecision]) -> None:
+    """Raise :class:`~safelatent.safety.policy_file.PromptBlockedError` for the first blocked prompt (its
+    message names the categories and matched words)."""
+    for decision in decisions:
+        decision.raise_if_blocked()
 
 
 def apply_suppression(

@@ -25,9 +25,29 @@ A policy file (``tomllib``; see ``safety/data/default_policy.toml`` for a docume
     files = ["people.txt"]       # more name lists for the real_people hard block (relative to the file);
                                  # the shipped safety/data/real_people.txt always applies as well
 
-Omitted categories take the default policy's settings. Hard categories always block: a file that sets
-one to ``allow``/``suppress`` raises :class:`HardBlockRelaxationError`; every other mistake raises
-:class:`PolicyFileError` naming the file, the line and the field.
+    [outputs]                    # layer 3: output classifiers, run on every generated image
+    classifiers = ["nudenet"]    # nudenet | q16 | toy (see CLASSIFIER_CATEGORIES)
+    blur_radius = 24             # Gaussian blur radius in pixels (default: 8 % of the longer side)
+    q16_clip = "clip-vit-l14/"   # local CLIP ViT-L/14 folder, needed by q16 (relative to the file)
+
+    [outputs.actions.nudity]     # a category some listed classifier scores
+    action = "blur"              # keep | blur | withhold
+    threshold = 0.6              # score at which it acts (default: the classifier's own threshold)
+
+    [provenance]                 # layer 4
+    watermark = true             # invisible watermark on every kept image of at least 256×256 pixels
+    c2pa = "auto"                # sign saved files: true (keys required), false, "auto" (when keys exist)
+    keys_dir = "keys/"           # default: $SAFELATENT_KEYS_DIR or ~/.config/safelatent/keys
+
+    [audit]                      # layer 5
+    enabled = true               # one row per request in the append-only SQLite log
+    path = "audit.sqlite3"       # default: $SAFELATENT_AUDIT_DB or ~/.local/share/safelatent/audit.sqlite3
+    store_prompt = true          # false: keep only SHA-256 hashes of prompt texts
+
+Omitted categories and sections take the default policy's settings (``[provenance]`` and ``[audit]``
+field by field). Hard categories always block: a file that sets one to ``allow``/``suppress`` raises
+:class:`HardBlockRelaxationError`; every other mistake raises :class:`PolicyFileError` naming the file,
+the line and the field.
 """
 
 from __future__ import annotations
@@ -35,7 +55,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -49,8 +69,29 @@ HARD_CATEGORIES = ("sexual_minors", "real_people")
 #: The actions, from weakest to strongest.
 ACTIONS = ("allow", "suppress", "block")
 
+#: What each output classifier scores (``[outputs] classifiers``): an action may only name these.
+CLASSIFIER_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "nudenet": ("nudity",),
+    "q16": ("inappropriate",),
+    "toy": ("marker", "theme"),
+}
+#: What the output layer can do with an image, least to most severe.
+OUTPUT_ACTIONS = ("keep", "blur", "withhold")
+#: ``[provenance] c2pa``: ``on`` (keys required), ``off``, ``auto`` (sign when keys exist).
+C2PA_MODES = ("auto", "on", "off")
+
 _SLD_NAMES = ("weak", "weak-diffusers", "medium", "strong", "max")
-_TOP_KEYS = {"version", "name", "description", "similarity", "categories", "names"}
+_TOP_KEYS = {
+    "version",
+    "name",
+    "description",
+    "similarity",
+    "categories",
+    "names",
+    "outputs",
+    "provenance",
+    "audit",
+}
 _CATEGORY_KEYS = {"action", "threshold", "sld", "concept", "extra_words", "concept_phrases"}
 
 
@@ -87,9 +128,50 @@ class CategoryPolicy:
 
 
 @dataclass(frozen=True)
+class OutputAction:
+    """What the output layer does with an image whose score for a category reaches ``threshold``
+    (``None``: the classifier's own threshold)."""
+
+    action: str
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputPolicy:
+    """Layer 3: which classifiers run on every image, and the action per category."""
+
+    classifiers: tuple[str, ...] = ("nudenet",)
+    actions: dict[str, OutputAction] = field(default_factory=lambda: {"nudity": OutputAction("blur")})
+    blur_radius: float | None = None
+    q16_clip: Path | None = None
+
+
+@dataclass(frozen=True)
+class ProvenancePolicy:
+    """Layer 4: invisible watermark on kept images; C2PA signing of saved files (``c2pa``: one of
+    :data:`C2PA_MODES`) with the keys in ``keys_dir`` (default :func:`~safelatent.safety.keys.
+    default_keys_dir`)."""
+
+    watermark: bool = True
+    c2pa: str = "auto"
+    keys_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class AuditPolicy:
+    """Layer 5: one row per request in the audit log at ``path`` (default :func:`~safelatent.safety.
+    audit.default_audit_db`); ``store_prompt=False`` keeps only hashes of prompt texts."""
+
+    enabled: bool = True
+    path: Path | None = None
+    store_prompt: bool = True
+
+
+@dataclass(frozen=True)
 class Policy:
-    """A validated prompt policy: per-category settings, the similarity scorer's settings and the
-    real-people name lists. Hard categories are always present with ``action="block"``."""
+    """A validated policy: per-category prompt settings, the similarity scorer's settings, the
+    real-people name lists, and the output, provenance and audit layers' settings. Hard categories are
+    always present with ``action="block"``."""
 
     name: str
     categories: dict[str, CategoryPolicy]
@@ -99,6 +181,9 @@ class Policy:
     name_files: tuple[Path, ...] = ()
     names: tuple[str, ...] = ()
     source: str = "<built-in>"
+    outputs: OutputPolicy = field(default_factory=OutputPolicy)
+    provenance: ProvenancePolicy = field(default_factory=ProvenancePolicy)
+    audit: AuditPolicy = field(default_factory=AuditPolicy)
 
     def action(self, category: str) -> str:
         """The action configured for ``category``."""
@@ -330,6 +415,7 @@ def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None =
         if path.resolve() not in {f.resolve() for f in files}:
             files.append(path)
     names = tuple(dict.fromkeys(name for path in files for name in read_names(path)))
+    layers = _builtin_layers()
     return Policy(
         name=name,
         description=description,
@@ -339,13 +425,117 @@ def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None =
         name_files=tuple(files),
         names=names,
         source=source,
+        outputs=_read_outputs(reader, data, base_dir, layers[0]),
+        provenance=_read_provenance(reader, data, base_dir, layers[1]),
+        audit=_read_audit(reader, data, base_dir, layers[2]),
+    )
+
+
+def _path_field(reader: _Reader, table: dict, section: str, key: str, base_dir: Path | None) -> Path | None:
+    """An optional path field (``""`` = unset), relative paths resolved against the policy's folder."""
+    value = reader.get(table, section, key, str, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base_dir or Path.cwd()) / path
+
+
+def _read_outputs(reader: _Reader, data: dict, base_dir: Path | None, default: OutputPolicy) -> OutputPolicy:
+    """The ``[outputs]`` table (layer 3), or ``default`` when the file has none."""
+    if "outputs" not in data:
+        return default
+    table = reader.get(data, None, "outputs", dict, {})
+    reader.unknown_keys(table, {"classifiers", "actions", "blur_radius", "q16_clip"}, "outputs")
+    classifiers = reader.string_list(table, "outputs", "classifiers")
+    for name in classifiers:
+        if name not in CLASSIFIER_CATEGORIES:
+            raise reader.fail(
+                "outputs",
+                "classifiers",
+                f"unknown classifier {name!r}",
+                f"use some of: {', '.join(CLASSIFIER_CATEGORIES)}",
+            )
+    scored = {c for name in classifiers for c in CLASSIFIER_CATEGORIES[name]}
+    actions: dict[str, OutputAction] = {}
+    for category, spec in reader.get(table, "outputs", "actions", dict, {}).items():
+        section = f"outputs.actions.{category}"
+        if not isinstance(spec, dict):
+            raise reader.fail(section, None, "must be a table", f"write [outputs.actions.{category}]")
+        reader.unknown_keys(spec, {"action", "threshold"}, section)
+        if category not in scored:
+            raise reader.fail(
+                "outputs.actions",
+                category,
+                f"no listed classifier scores {category!r} (classifiers: {', '.join(classifiers) or 'none'})",
+                "add a classifier that scores it to [outputs] classifiers, or remove this table; "
+                + "; ".join(f"{n} scores {', '.join(cs)}" for n, cs in CLASSIFIER_CATEGORIES.items()),
+            )
+        action = reader.get(spec, section, "action", str, "")
+        if action not in OUTPUT_ACTIONS:
+            raise reader.fail(
+                section, "action", f"unknown action {action!r}", f"use one of: {', '.join(OUTPUT_ACTIONS)}"
+            )
+        threshold = reader.get(spec, section, "threshold", (int, float), None)
+        if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+            raise reader.fail(section, "threshold", f"must be in [0, 1], got {threshold}", "e.g. 0.6")
+        actions[category] = OutputAction(action, None if threshold is None else float(threshold))
+    blur_radius = reader.get(table, "outputs", "blur_radius", (int, float), None)
+    if blur_radius is not None and not 0 < blur_radius <= 512:
+        raise reader.fail(
+            "outputs", "blur_radius", f"must be in (0, 512] pixels, got {blur_radius}", "e.g. 24"
+        )
+    q16_clip = _path_field(reader, table, "outputs", "q16_clip", base_dir)
+    if "q16" in classifiers and q16_clip is None:
+        raise reader.fail(
+            "outputs",
+            "classifiers",
+            "the q16 classifier needs a local CLIP ViT-L/14 folder",
+            'add q16_clip = "/path/to/clip-vit-large-patch14" (a transformers folder with safetensors)',
+        )
+    return OutputPolicy(
+        classifiers=classifiers,
+        actions=actions,
+        blur_radius=None if blur_radius is None else float(blur_radius),
+        q16_clip=q16_clip,
+    )
+
+
+def _read_provenance(
+    reader: _Reader, data: dict, base_dir: Path | None, default: ProvenancePolicy
+) -> ProvenancePolicy:
+    """The ``[provenance]`` table (layer 4), fields omitted there taken from ``default``."""
+    table = reader.get(data, None, "provenance", dict, {})
+    reader.unknown_keys(table, {"watermark", "c2pa", "keys_dir"}, "provenance")
+    c2pa = reader.get(table, "provenance", "c2pa", (bool, str), default.c2pa)
+    if isinstance(c2pa, bool):
+        c2pa = "on" if c2pa else "off"
+    if c2pa not in C2PA_MODES:
+        raise reader.fail("provenance", "c2pa", f"unknown value {c2pa!r}", 'use true, false or "auto"')
+    keys_dir = _path_field(reader, table, "provenance", "keys_dir", base_dir)
+    return ProvenancePolicy(
+        watermark=reader.get(table, "provenance", "watermark", bool, default.watermark),
+        c2pa=c2pa,
+        keys_dir=keys_dir if "keys_dir" in table else default.keys_dir,
+    )
+
+
+def _read_audit(reader: _Reader, data: dict, base_dir: Path | None, default: AuditPolicy) -> AuditPolicy:
+    """The ``[audit]`` table (layer 5), fields omitted there taken from ``default``."""
+    table = reader.get(data, None, "audit", dict, {})
+    reader.unknown_keys(table, {"enabled", "path", "store_prompt"}, "audit")
+    path = _path_field(reader, table, "audit", "path", base_dir)
+    return AuditPolicy(
+        enabled=reader.get(table, "audit", "enabled", bool, default.enabled),
+        path=path if "path" in table else default.path,
+        store_prompt=reader.get(table, "audit", "store_prompt", bool, default.store_prompt),
     )
 
 
 #: Policies that ship in ``safety/data/<name>_policy.toml``: ``default`` (suppress the soft categories
 #: with SLD), ``artist`` (fictional violence allowed), ``evaluation`` (measurement: soft categories
-#: allowed). Hard blocks are the same in all.
-SHIPPED_POLICIES = ("default", "artist", "evaluation")
+#: allowed, no output layers, no audit rows), ``toy`` (default + the toy classifier blurs the marker).
+#: Hard blocks are the same in all.
+SHIPPED_POLICIES = ("default", "artist", "evaluation", "toy")
 
 
 def load_policy(path: str | os.PathLike | None = None) -> Policy:
@@ -367,6 +557,15 @@ def load_policy(path: str | os.PathLike | None = None) -> Policy:
 
 
 _BUILTIN: dict[str, CategoryPolicy] | None = None
+_BUILTIN_LAYERS: tuple[OutputPolicy, ProvenancePolicy, AuditPolicy] | None = None
+
+
+def _builtin_layers() -> tuple[OutputPolicy, ProvenancePolicy, AuditPolicy]:
+    """The shipped default policy's output, provenance and audit settings, the fallback for omitted
+    sections (while the default file itself is read: the dataclass defaults)."""
+    if _BUILTIN_LAYERS is None:
+        return OutputPolicy(), ProvenancePolicy(), AuditPolicy()
+    return _BUILTIN_LAYERS
 
 
 def _builtin_defaults() -> dict[str, CategoryPolicy]:
@@ -380,6 +579,8 @@ def _builtin_defaults() -> dict[str, CategoryPolicy]:
         path = data_path("default_policy.toml")
         default = parse_policy(path.read_text(encoding="utf-8"), source=str(path), base_dir=path.parent)
         _BUILTIN = dict(default.categories)
+        global _BUILTIN_LAYERS
+        _BUILTIN_LAYERS = (default.outputs, default.provenance, default.audit)
     return dict(_BUILTIN)
 
 
@@ -390,13 +591,20 @@ def default_policy() -> Policy:
 
 __all__ = [
     "ACTIONS",
+    "C2PA_MODES",
     "CATEGORIES",
+    "CLASSIFIER_CATEGORIES",
     "HARD_CATEGORIES",
+    "OUTPUT_ACTIONS",
+    "AuditPolicy",
     "CategoryPolicy",
     "HardBlockRelaxationError",
+    "OutputAction",
+    "OutputPolicy",
     "Policy",
     "PolicyFileError",
     "PromptBlockedError",
+    "ProvenancePolicy",
     "data_path",
     "default_policy",
     "load_policy",

@@ -446,6 +446,7 @@ class _Run:
                     guidance_scale=config.validation_cfg,
                     seed=config.seed,
                     return_pixels=True,
+                    policy="evaluation",  # the trainer's own check: no output layers, no audit rows
                 )
         finally:
             for model in self.trained_models:
