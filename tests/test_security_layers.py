@@ -267,3 +267,14 @@ def test_q16_from_the_policy_runs_inside_generate(toy, tmp_path, monkeypatch, bl
         assert set(item.scores) == {"toy", "q16"} and 0.0 < item.scores["q16"]["inappropriate"] < 1.0
         assert item.action == "withhold" and any("Q16: inappropriate" in r for r in item.reasons)
     assert block_network == []
+
+
+def test_similarity_scorer_runs_inside_generate_when_the_policy_enables_it(toy, tmp_path):
+    """``[similarity] enabled``: generate scores prompts in the loaded model's own text-encoder space."""
+    lax = "[similarity]\nenabled = true\nthreshold = -1.0\n"  # every concept phrase counts as a hit
+    result = toy.generate(PLAIN_PROMPT, seed=1, policy=parse_policy(lax, source="s.toml"), **FAST)
+    (decision,) = result.settings.policy["decisions"]
+    assert decision["action"] == "suppress" and result.settings.sld is not None
+    assert any(r.startswith("similarity") for r in decision["reasons"]["violence"])
+    off = toy.generate(PLAIN_PROMPT, seed=1, **FAST)  # the default policy: word lists only
+    assert off.settings.policy["decisions"][0]["action"] == "allow"

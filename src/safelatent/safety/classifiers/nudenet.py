@@ -73,7 +73,10 @@ EXPOSED_LABELS: Mapping[str, str] = {
 DEFAULT_THRESHOLD = 0.6
 """Flag threshold on a detection's confidence (the I2P evaluation's NudeNet threshold)."""
 
-_INSTALL_HINT = "install it offline-capable with: pip install nudenet==3.4.2 --no-deps onnxruntime"
+_INSTALL_HINT = (
+    "install it offline-capable with: pip install nudenet==3.4.2 --no-deps onnxruntime (the default policy"
+    " runs NudeNet on every image; a policy whose [outputs] classifiers omit nudenet does not need it)"
+)
 
 
 def to_bgr_array(image: Image.Image) -> np.ndarray:
