@@ -51,6 +51,8 @@ from ..errors import (
     OfflineViolationError,
     UnsafeCheckpointError,
 )
+from ..images import check_images
+from .loading import check_device, check_dtype, library_progress_bars_off
 from .offline import offline_mode
 
 __all__ = [
@@ -148,19 +150,6 @@ def shipped_vision_config(variant: str = "ViT-L-14") -> Any:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_pil(images: Sequence[Image.Image]) -> list[Image.Image]:
-    if isinstance(images, Image.Image):
-        raise InvalidArgumentError("expected a list of images, got one image", "wrap it in a list")
-    out = list(images)
-    for i, im in enumerate(out):
-        if not isinstance(im, Image.Image):
-            raise InvalidArgumentError(
-                f"image {i} is a {type(im).__name__}, not a PIL image",
-                "convert arrays with PIL.Image.fromarray(array) (uint8 RGB, H×W×3)",
-            )
-    return out
-
-
 def _resize_shorter_side(image: Image.Image, size: int) -> Image.Image:
     """torchvision ``Resize(size, BICUBIC)`` on a PIL image."""
     width, height = image.size
@@ -192,7 +181,7 @@ def preprocess(images: Sequence[Image.Image], image_size: int = 224) -> torch.Te
     mean = np.asarray(OPENAI_CLIP_MEAN, dtype=np.float32)
     std = np.asarray(OPENAI_CLIP_STD, dtype=np.float32)
     arrays = []
-    for image in _check_pil(images):
+    for image in check_images(images):
         if min(image.size) < 1:
             raise InvalidArgumentError(f"image of size {image.size} has no pixels", "pass non-empty images")
         cropped = _center_crop(_resize_shorter_side(image, image_size), image_size)
@@ -247,7 +236,7 @@ class ClipImageEncoder:
     def embed(self, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
         """Projected CLIP image embeddings ``[N, projection_dim]``, float32 on the CPU, not normalised;
         ``batch_size`` images per forward pass."""
-        images = _check_pil(images)
+        images = check_images(images)
         if not (isinstance(batch_size, int) and batch_size >= 1):
             raise InvalidArgumentError(f"batch_size must be an int ≥ 1, got {batch_size!r}", "use e.g. 16")
         out = [
@@ -262,38 +251,6 @@ class ClipImageEncoder:
 # --------------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------------
-
-
-def _check_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as error:
-        raise InvalidArgumentError(
-            f"unknown device {device!r} ({error})", "use 'cpu', 'cuda', 'cuda:0', 'mps', ..."
-        ) from None
-
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _check_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, str):
-        key = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}.get(
-            dtype.lower(), dtype.lower()
-        )
-        if key not in _DTYPES:
-            raise InvalidArgumentError(f"unknown dtype {dtype!r}", "use float32, float16 or bfloat16")
-        return _DTYPES[key]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise InvalidArgumentError(
-            f"dtype must be a floating-point torch.dtype, got {dtype!r}",
-            "use torch.float32, torch.float16 or torch.bfloat16",
-        )
-    return dtype
 
 
 def _resolve_folder(path: str | os.PathLike) -> Path:
@@ -389,8 +346,8 @@ def load_clip_image_encoder(
     that do not fit the config), :class:`UnsafeCheckpointError` (only ``pytorch_model.bin``: never
     unpickled) and :class:`OfflineViolationError` (a library tried to reach a hub).
     """
-    device = _check_device(device)
-    dtype = _check_dtype(dtype)
+    device = check_device("cuda" if device is None and torch.cuda.is_available() else device or "cpu")
+    dtype = torch.float32 if dtype is None else check_dtype(dtype)
     folder = _resolve_folder(path)
     config = _vision_config(folder)
     _check_weights(folder)
@@ -401,12 +358,10 @@ def load_clip_image_encoder(
 
     # transformers 5 logs a "LOAD REPORT" table at warning level (e.g. the unused text tower of a full CLIP
     # folder); missing and mismatched weights are checked below instead, so it is silenced while loading.
-    bars = transformers_logging.is_progress_bar_enabled()
     verbosity = transformers_logging.get_verbosity()
-    transformers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     try:
-        with offline_mode():
+        with library_progress_bars_off(), offline_mode():
             model, info = CLIPVisionModelWithProjection.from_pretrained(
                 str(folder),
                 config=config,
@@ -426,8 +381,6 @@ def load_clip_image_encoder(
         ) from None
     finally:
         transformers_logging.set_verbosity(verbosity)
-        if bars:
-            transformers_logging.enable_progress_bar()
 
     missing = sorted(info.get("missing_keys") or [])
     mismatched = list(info.get("mismatched_keys") or [])

@@ -114,8 +114,8 @@ def load_components(
     :class:`UnsafeCheckpointError` (a pickle that would run code), :class:`InvalidWeightsError` (NaN/inf)
     and :class:`OfflineViolationError` (a library tried to reach a hub).
     """
-    device = _check_device(device)
-    dtype = _check_dtype(dtype)
+    device = check_device(device)
+    dtype = check_dtype(dtype)
     source = os.fspath(path)
     resolved = _resolve_model_path(path)
     configs = Path(config_dir).expanduser() if config_dir is not None else None
@@ -166,7 +166,8 @@ def library_progress_bars_off():
 # --------------------------------------------------------------------------------------------------------
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or an error that lists valid names."""
     try:
         return torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
@@ -175,7 +176,9 @@ def _check_device(device: str | torch.device) -> torch.device:
         ) from None
 
 
-def _check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+def check_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``dtype`` as a floating-point ``torch.dtype`` (names and aliases: float32/fp32, float16/fp16/half,
+    bfloat16/bf16)."""
     if isinstance(dtype, str):
         if dtype.lower() not in _DTYPES:
             raise InvalidArgumentError(

@@ -35,6 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from safelatent.errors import InvalidArgumentError
+from safelatent.images import as_rgb, check_images
 
 __all__ = [
     "Classifier",
@@ -111,26 +112,6 @@ class Classifier(Protocol):
 def _check_threshold(threshold: Any, where: str) -> None:
     if not (isinstance(threshold, numbers.Real) and math.isfinite(threshold) and 0.0 <= threshold <= 1.0):
         raise InvalidArgumentError(f"{where}: threshold {threshold!r} is not in [0, 1]", "use e.g. 0.6")
-
-
-def check_images(images: Sequence[Image.Image]) -> list[Image.Image]:
-    """The images as a list, after checking that each is a PIL image (not a path, array or tensor)."""
-    if isinstance(images, Image.Image):
-        raise InvalidArgumentError("expected a list of images, got one image", "wrap it in a list")
-    out = list(images)
-    for i, im in enumerate(out):
-        if not isinstance(im, Image.Image):
-            raise InvalidArgumentError(
-                f"image {i} is a {type(im).__name__}, not a PIL image",
-                "convert arrays with PIL.Image.fromarray(array) (uint8 RGB, H×W×3)",
-            )
-    return out
-
-
-def as_rgb(image: Image.Image) -> Image.Image:
-    """``image`` in RGB mode (alpha dropped, palette and greyscale expanded); the same object if it is
-    already RGB."""
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def run_classifiers(
