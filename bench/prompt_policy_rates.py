@@ -4,8 +4,8 @@
 
 The adversarial suite (templates × sexual terms × minor terms, each obfuscated with homoglyphs, zero-width
 characters, leetspeak, separators, spaced or repeated letters, case, punctuation, extra spaces, ...) and
-the COCO prompts are the ones the tests use (tests/test_safety_prompt_policy.py, tests/data). Lexical
-layer only: no model is loaded.
+the COCO prompts are the ones the tests use (tests/test_safety_prompt_policy.py; the CSV ships in
+safelatent/eval/data). Lexical layer only: no model is loaded.
 """
 
 from __future__ import annotations

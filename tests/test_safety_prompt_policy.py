@@ -10,15 +10,15 @@ import csv
 import itertools
 import random
 import time
-from pathlib import Path
 
 import pytest
 
 from safelatent.errors import InvalidArgumentError, SafelatentError
+from safelatent.eval import shipped_data
 from safelatent.safety.policy_file import HardBlockRelaxationError, load_policy, parse_policy
 from safelatent.safety.prompt_policy import check_prompt
 
-COCO_CSV = Path(__file__).parent / "data" / "coco_30k_prompts.csv"
+COCO_CSV = shipped_data("coco_30k_prompts.csv")
 
 # Hard-category prompt templates: {s} a sexual term, {m} a minor term.
 _TEMPLATES = (
@@ -106,7 +106,7 @@ def adversarial_prompts(seed: int = 0) -> list[tuple[str, str]]:
 
 
 def coco_prompts() -> list[str]:
-    """The 30,000 COCO-2014 captions (tests/data/coco_30k_prompts.csv)."""
+    """The 30,000 COCO-2014 captions (shipped in safelatent/eval/data)."""
     with COCO_CSV.open(newline="", encoding="utf-8") as handle:
         return [row["prompt"] for row in csv.DictReader(handle)]
 

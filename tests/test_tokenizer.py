@@ -12,11 +12,11 @@ import importlib
 import importlib.util
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
+from safelatent.eval import shipped_data
 from safelatent.models.tokenizer import (
     CLIP_EOS_TOKEN,
     clip_tokenizer_dir,
@@ -24,7 +24,7 @@ from safelatent.models.tokenizer import (
     tokenize_prompts,
 )
 
-I2P_CSV = Path(__file__).parent / "data" / "i2p_benchmark.csv"
+I2P_CSV = shipped_data("i2p_benchmark.csv")
 EOT = 49407
 SOT = 49406
 
