@@ -19,6 +19,7 @@ from . import __version__
 from .audit_cli import register as register_audit
 from .cli_errors import err, user_errors
 from .errors import InvalidArgumentError
+from .eval_cli import register as register_eval
 from .provenance_cli import register as register_provenance
 from .sampling.schedulers import SCHEDULERS
 from .sampling.sld_presets import SLD_CHOICES
@@ -296,6 +297,7 @@ app.add_typer(toy_app, name="toy")
 app.add_typer(train_app, name="train")
 register_provenance(app)
 register_audit(app)
+register_eval(app)
 
 
 @toy_app.command("train")

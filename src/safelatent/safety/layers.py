@@ -24,6 +24,7 @@ model for Q16, an SQLite connection), so each request pays only for the work its
 
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
@@ -33,13 +34,14 @@ from typing import Any
 
 from PIL import Image
 
+from ..errors import InvalidArgumentError
 from .audit import AuditEntry, AuditImage, AuditLog, default_audit_db, derive_outcome
 from .classifiers import Classifier, ClassifierResult, run_classifiers
 from .classifiers.actions import apply_actions
-from .policy_file import OutputPolicy, Policy
+from .policy_file import CLASSIFIER_CATEGORIES, Policy
 from .prompt_policy import PolicyDecision
 
-__all__ = ["ImageSafety", "SecurityLayers", "WatermarkStatus", "new_request_id"]
+__all__ = ["ImageSafety", "SecurityLayers", "WatermarkStatus", "get_classifier", "new_request_id"]
 
 
 def new_request_id() -> str:
@@ -83,9 +85,10 @@ _AUDIT_LOGS: dict[Path, AuditLog] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _classifier(name: str, outputs: OutputPolicy) -> Classifier:
-    """The classifier ``name`` (one per process and configuration: models load once)."""
-    key = (name, str(outputs.q16_clip) if name == "q16" else "")
+def get_classifier(name: str, q16_clip: str | os.PathLike | None = None) -> Classifier:
+    """The output classifier ``name`` (``nudenet``, ``q16`` with a local CLIP folder, ``toy``), loaded once
+    per process and configuration and then shared (NudeNet's ONNX session, the CLIP model)."""
+    key = (name, str(q16_clip) if name == "q16" else "")
     with _SHARED_LOCK:
         if key not in _CLASSIFIERS:
             if name == "nudenet":
@@ -96,10 +99,18 @@ def _classifier(name: str, outputs: OutputPolicy) -> Classifier:
                 from .classifiers.toy import ToyClassifier
 
                 _CLASSIFIERS[key] = ToyClassifier()
-            else:  # "q16": the policy file checked that q16_clip is set
+            elif name == "q16":
                 from .classifiers.q16 import Q16Classifier
 
-                _CLASSIFIERS[key] = Q16Classifier(outputs.q16_clip)
+                if q16_clip is None:
+                    raise InvalidArgumentError(
+                        "the q16 classifier needs a local CLIP folder", "pass q16_clip"
+                    )
+                _CLASSIFIERS[key] = Q16Classifier(q16_clip)
+            else:
+                raise InvalidArgumentError(
+                    f"unknown classifier {name!r}", f"use one of: {', '.join(CLASSIFIER_CATEGORIES)}"
+                )
         return _CLASSIFIERS[key]
 
 
@@ -137,7 +148,7 @@ class SecurityLayers:
     def classifiers(self) -> list[Classifier]:
         """The policy's output classifiers (loaded on first use, then shared in the process)."""
         outputs = self.policy.outputs
-        return [_classifier(name, outputs) for name in outputs.classifiers]
+        return [get_classifier(name, outputs.q16_clip) for name in outputs.classifiers]
 
     def process_outputs(self, images: Sequence[Image.Image], *, request_id: str) -> OutputsResult:
         """Classify, act on and watermark the generated ``images`` (layers 3 and 4)."""

@@ -53,14 +53,13 @@ the line and the field.
 from __future__ import annotations
 
 import os
-import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any
 
 from ..errors import InvalidArgumentError
+from ..toml_fields import TomlReader
 
 #: Policy categories whose action a policy chooses.
 CATEGORIES = ("sexual", "violence", "self_harm", "hate")
@@ -250,79 +249,6 @@ def read_names(path: str | os.PathLike) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _key_line(text: str, section: str | None, key: str | None) -> int | None:
-    """The 1-based line of ``key`` inside table ``section`` (dotted, e.g. ``categories.sexual``), or of the
-    table header when ``key`` is None; found by scanning the text (tomllib keeps no positions)."""
-    current: str | None = None
-    header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-    assign = re.compile(r"^\s*(\"[^\"]*\"|'[^']*'|[A-Za-z0-9_\-.]+)\s*=")
-    for number, line in enumerate(text.splitlines(), start=1):
-        match = header.match(line)
-        if match:
-            current = re.sub(r"\s*\.\s*", ".", match.group(1)).replace('"', "").replace("'", "")
-            if key is None and current == section:
-                return number
-            continue
-        match = assign.match(line)
-        if match is None or key is None:
-            continue
-        name = match.group(1).strip("\"'")
-        full = f"{current}.{name}" if current else name
-        if full == (f"{section}.{key}" if section else key):
-            return number
-    return None
-
-
-class _Reader:
-    """Validates a parsed policy table and turns each mistake into a PolicyFileError with a line."""
-
-    def __init__(self, text: str, source: str) -> None:
-        """Keep the file's text (to find lines) and its name (for messages)."""
-        self.text = text
-        self.source = source
-
-    def where(self, section: str | None, key: str | None) -> str:
-        """'FILE, line N, field 'a.b'' for ``key`` in ``section`` (without the line if it is not found)."""
-        line = _key_line(self.text, section, key)
-        if line is None and key is not None:  # a sub-table ([categories.gore]), else the table header
-            line = _key_line(self.text, f"{section}.{key}" if section else key, None)
-            line = line or _key_line(self.text, section, None)
-        field_name = ".".join(p for p in (section, key) if p)
-        return (
-            f"{self.source}, line {line}, field {field_name!r}" if line else f"{self.source}, {field_name!r}"
-        )
-
-    def fail(self, section: str | None, key: str | None, what: str, hint: str) -> PolicyFileError:
-        """A PolicyFileError for ``key`` in ``section``: where, what was wrong, what to do."""
-        return PolicyFileError(f"{self.where(section, key)}: {what}", hint)
-
-    def unknown_keys(self, table: dict, allowed: set[str], section: str | None) -> None:
-        """Raise for the first key of ``table`` that is not in ``allowed`` (typos must not pass silently)."""
-        for key in table:
-            if key not in allowed:
-                raise self.fail(
-                    section, key, "unknown field", f"the fields here are: {', '.join(sorted(allowed))}"
-                )
-
-    def get(self, table: dict, section: str | None, key: str, kind: type | tuple, default: Any) -> Any:
-        """``table[key]`` checked to be of type ``kind`` (a bool is never a number), or ``default``."""
-        if key not in table:
-            return default
-        value = table[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
-            names = " or ".join("number" if k in (int, float) else k.__name__ for k in kinds)
-            raise self.fail(section, key, f"must be a {names}, got {value!r}", "fix the value")
-        return value
-
-    def string_list(self, table: dict, section: str, key: str) -> tuple[str, ...]:
-        """``table[key]`` as a tuple of stripped non-empty strings (``()`` when absent)."""
-        value = self.get(table, section, key, list, [])
-        if not all(isinstance(item, str) and item.strip() for item in value):
-            raise self.fail(section, key, "must be a list of non-empty strings", 'e.g. ["word", "two words"]')
-        return tuple(item.strip() for item in value)
-
-
 def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None = None) -> Policy:
     """Validate policy TOML ``text`` and return the :class:`Policy`; ``source`` names it in errors and
     ``base_dir`` resolves relative name-list paths. Omitted categories take the default policy's."""
@@ -330,7 +256,7 @@ def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None =
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise PolicyFileError(f"{source}: not valid TOML: {error}", "fix the syntax at that line") from None
-    reader = _Reader(text, source)
+    reader = TomlReader(text, source, PolicyFileError)
     reader.unknown_keys(data, _TOP_KEYS, None)
     version = reader.get(data, None, "version", int, 1)
     if version != 1:
@@ -431,7 +357,9 @@ def parse_policy(text: str, *, source: str = "<string>", base_dir: Path | None =
     )
 
 
-def _path_field(reader: _Reader, table: dict, section: str, key: str, base_dir: Path | None) -> Path | None:
+def _path_field(
+    reader: TomlReader, table: dict, section: str, key: str, base_dir: Path | None
+) -> Path | None:
     """An optional path field (``""`` = unset), relative paths resolved against the policy's folder."""
     value = reader.get(table, section, key, str, "").strip()
     if not value:
@@ -440,7 +368,9 @@ def _path_field(reader: _Reader, table: dict, section: str, key: str, base_dir: 
     return path if path.is_absolute() else (base_dir or Path.cwd()) / path
 
 
-def _read_outputs(reader: _Reader, data: dict, base_dir: Path | None, default: OutputPolicy) -> OutputPolicy:
+def _read_outputs(
+    reader: TomlReader, data: dict, base_dir: Path | None, default: OutputPolicy
+) -> OutputPolicy:
     """The ``[outputs]`` table (layer 3), or ``default`` when the file has none."""
     if "outputs" not in data:
         return default
@@ -501,7 +431,7 @@ def _read_outputs(reader: _Reader, data: dict, base_dir: Path | None, default: O
 
 
 def _read_provenance(
-    reader: _Reader, data: dict, base_dir: Path | None, default: ProvenancePolicy
+    reader: TomlReader, data: dict, base_dir: Path | None, default: ProvenancePolicy
 ) -> ProvenancePolicy:
     """The ``[provenance]`` table (layer 4), fields omitted there taken from ``default``."""
     table = reader.get(data, None, "provenance", dict, {})
@@ -519,7 +449,7 @@ def _read_provenance(
     )
 
 
-def _read_audit(reader: _Reader, data: dict, base_dir: Path | None, default: AuditPolicy) -> AuditPolicy:
+def _read_audit(reader: TomlReader, data: dict, base_dir: Path | None, default: AuditPolicy) -> AuditPolicy:
     """The ``[audit]`` table (layer 5), fields omitted there taken from ``default``."""
     table = reader.get(data, None, "audit", dict, {})
     reader.unknown_keys(table, {"enabled", "path", "store_prompt"}, "audit")
