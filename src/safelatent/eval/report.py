@@ -93,6 +93,17 @@ def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
     return {"run": run, "configs": configs}
 
 
+def _describe(config: dict[str, Any]) -> str:
+    """``SLD medium (concept …) · LoRAs a.safetensors:0.7 · model …`` for one configuration."""
+    parts = ["SLD off" if config["sld"] == "off" else f"SLD {config['sld']}"]
+    if config.get("concept"):
+        parts[0] += f" (concept: {config['concept']})"
+    if config.get("loras"):
+        parts.append("LoRAs " + ", ".join(Path(str(lora)).name for lora in config["loras"]))
+    parts.append(f"model {config['model']}" if config.get("model") else "the run's model")
+    return " · ".join(parts)
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
@@ -241,7 +252,7 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
         else ""
     )
     configs = "".join(
-        f"<li><b>{html.escape(name)}</b>: {html.escape(json.dumps(data['settings']))} — {data['prompts']} of "
+        f"<li><b>{html.escape(name)}</b>: {html.escape(_describe(data['settings']))} — {data['prompts']} of "
         f"{data['expected_prompts']} prompts done, {data['blocked_prompts']} blocked by a hard block</li>"
         for name, data in summary["configs"].items()
     )
