@@ -46,6 +46,8 @@ def _print_table(summary: dict) -> None:
             )
             if overall["exp_max_mean"] is not None:
                 line += f"  exp. max {overall['exp_max_mean']:6.1%} ± {overall['exp_max_std']:.1%}"
+        if data["quality"]:
+            line += "".join(f"  {key} {value:.3f}" for key, value in data["quality"].items())
         toy = data["toy"]
         if toy:
             fidelity = toy.get("fidelity_shape_colour")
@@ -107,6 +109,12 @@ def register(app: typer.Typer) -> None:
             typer.Option(help="toy | nudenet | q16 (repeat; default: toy for toy sets, else q16 + nudenet)."),
         ] = None,
         q16_clip: Annotated[Path | None, typer.Option(help="Local CLIP ViT-L/14 folder for Q16.")] = None,
+        clip: Annotated[
+            Path | None, typer.Option(help="Full local CLIP folder: CLIP score of every image vs its prompt.")
+        ] = None,
+        reference_images: Annotated[
+            Path | None, typer.Option(help="With --clip: reference image folder for the domain score.")
+        ] = None,
         save_images: Annotated[
             bool, typer.Option(help="Keep every image (the report shows a sample grid).")
         ] = False,
@@ -146,6 +154,8 @@ def register(app: typer.Typer) -> None:
                 override_guidance=override_cfg,
                 classifiers=tuple(classifier or ()),
                 q16_clip=str(q16_clip) if q16_clip else None,
+                clip=str(clip) if clip else None,
+                reference_images=str(reference_images) if reference_images else None,
                 save_images=save_images,
                 configs=tuple(_configs_from_flags(sld, list(lora or []), concept)),
             )

@@ -19,6 +19,8 @@ A matrix file (every field optional except at least one configuration)::
     classifiers = ["q16", "nudenet"]   # toy | nudenet | q16 (needs q16_clip); default: toy for the toy
                                        # prompt sets, else q16 + nudenet (the paper's: Q16 OR NudeNet)
     q16_clip = "~/models/clip-vit-large-patch14"
+    clip = "~/models/clip-vit-large-patch14"   # CLIP score per image (a full CLIP folder)
+    reference_images = "theme-refs/"          # with clip: domain score against these images
     save_images = false
 
     [configs.baseline]
@@ -110,6 +112,10 @@ class EvalSettings:
     #: default: ``toy`` for the toy world's prompt sets, else ``q16`` + ``nudenet`` (the paper's)
     classifiers: tuple[str, ...] = ()
     q16_clip: str | None = None
+    #: a full local CLIP folder: CLIP score of every image against its prompt
+    clip: str | None = None
+    #: with ``clip``: a folder of reference images; domain score = similarity to their CLIP centroid
+    reference_images: str | None = None
     save_images: bool = False
     configs: tuple[EvalConfig, ...] = field(default_factory=lambda: (EvalConfig("baseline"),))
 
@@ -138,6 +144,10 @@ class EvalSettings:
             raise InvalidArgumentError(
                 "the q16 classifier needs a local CLIP ViT-L/14 folder",
                 "pass --q16-clip DIR (a transformers CLIP folder with safetensors), or drop q16",
+            )
+        if self.reference_images and not self.clip:
+            raise InvalidArgumentError(
+                "a reference image folder needs CLIP weights for the domain score", "pass --clip DIR as well"
             )
         names = [c.name for c in self.configs]
         if not names:
@@ -181,6 +191,8 @@ _RUN_FIELDS = {
     "override_guidance": bool,
     "classifiers": list,
     "q16_clip": str,
+    "clip": str,
+    "reference_images": str,
     "save_images": bool,
 }
 _CONFIG_FIELDS = {"sld": str, "concept": str, "loras": list, "model": str}
@@ -221,7 +233,7 @@ def parse_matrix(text: str, *, source: str = "<string>", base_dir: Path | None =
         values["classifiers"] = reader.string_list(run, "run", "classifiers")
     if "guidance_scale" in values:
         values["guidance_scale"] = float(values["guidance_scale"])
-    for key in ("model", "q16_clip"):
+    for key in ("model", "q16_clip", "clip", "reference_images"):
         if key in values:
             values[key] = _path(values[key], base_dir)
     if "prompts" in values and values["prompts"].endswith(".csv"):

@@ -52,6 +52,16 @@ def _toy_rates(records: list[dict]) -> dict[str, float | None]:
     }
 
 
+def _quality(records: list[dict]) -> dict[str, float]:
+    """Mean CLIP score and domain score over the images that have them."""
+    out = {}
+    for key in ("clip_score", "domain"):
+        values = [r["quality"][key] for r in records if key in r.get("quality", {})]
+        if values:
+            out[key] = sum(values) / len(values)
+    return out
+
+
 def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
     """The numbers of a run, recomputed from its stored records (see the module docs)."""
     run_dir = Path(run_dir)
@@ -86,6 +96,7 @@ def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
             "expected_prompts": len(prompt_set.prompts),
             "categories": [row.as_dict() if hasattr(row, "as_dict") else dict(vars(row)) for row in table],
             "toy": _toy_rates(generated),
+            "quality": _quality(generated),
             "seconds_per_image": (sum(r.get("seconds", 0.0) for r in generated) / len(generated))
             if generated
             else None,
@@ -251,6 +262,17 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
         if toy_rows
         else ""
     )
+    quality_rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{data['quality'].get('clip_score', float('nan')):.2f}</td>"
+        f"<td>{data['quality'].get('domain', float('nan')):.3f}</td></tr>"
+        for name, data in summary["configs"].items()
+        if data["quality"]
+    )
+    if quality_rows:
+        toy += (
+            "<h2>Quality</h2><table><tr><th>configuration</th><th>CLIP score (100·cos, mean)</th>"
+            f"<th>domain score (cos to the reference centroid)</th></tr>{quality_rows}</table>"
+        )
     configs = "".join(
         f"<li><b>{html.escape(name)}</b>: {html.escape(_describe(data['settings']))} — {data['prompts']} of "
         f"{data['expected_prompts']} prompts done, {data['blocked_prompts']} blocked by a hard block</li>"

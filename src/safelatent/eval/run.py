@@ -248,6 +248,11 @@ def run_eval(
             f"classifiers {', '.join(settings.classifiers)} score no unsafe category",
             "add q16, nudenet or toy",
         )
+    quality = None
+    if settings.clip:
+        from .quality import QualityScorer
+
+        quality = QualityScorer(settings.clip, reference_dir=settings.reference_images, device=device)
     models = _Models(device)
     bar = progress_bar(rate_unit="img") if progress else None
     with ResultStore(shard_store_path(out_dir, shard)) as store:
@@ -278,6 +283,7 @@ def run_eval(
                         bar.advance(task, n)
                     continue
                 per_image = (time.perf_counter() - tick) / n
+                measured = quality.scores(images, prompt.text) if quality else [None] * len(images)
                 records = []
                 for index, (image, verdict) in enumerate(
                     zip(images, _classify(images, prompt, classifiers), strict=True)
@@ -289,6 +295,8 @@ def run_eval(
                         "seconds": round(per_image, 4),
                     }
                     record.update(verdict)
+                    if measured[index] is not None:
+                        record["quality"] = measured[index]
                     if settings.save_images:
                         name = _image_name(config.name, prompt.id, index)
                         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)

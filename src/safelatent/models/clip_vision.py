@@ -352,8 +352,17 @@ def load_clip_image_encoder(
     config = _vision_config(folder)
     _check_weights(folder)
 
-    from huggingface_hub.errors import OfflineModeIsEnabled
     from transformers import CLIPVisionModelWithProjection
+
+    model = _load_checked(CLIPVisionModelWithProjection, folder, config, dtype, other_tower=_TEXT_TOWER)
+    return ClipImageEncoder(model.to(device), source=str(folder))
+
+
+def _load_checked(cls: Any, folder: Path, config: Any, dtype: torch.dtype, *, other_tower: str) -> Any:
+    """``cls.from_pretrained`` from a local folder offline, safetensors only; missing or mismatched weights
+    are errors (never a silent random initialisation), unexpected ones outside ``other_tower`` (the tower
+    of a full CLIP folder that ``cls`` does not use) a warning."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
     from transformers.utils import logging as transformers_logging
 
     # transformers 5 logs a "LOAD REPORT" table at warning level (e.g. the unused text tower of a full CLIP
@@ -362,7 +371,7 @@ def load_clip_image_encoder(
     transformers_logging.set_verbosity_error()
     try:
         with library_progress_bars_off(), offline_mode():
-            model, info = CLIPVisionModelWithProjection.from_pretrained(
+            model, info = cls.from_pretrained(
                 str(folder),
                 config=config,
                 local_files_only=True,
@@ -395,12 +404,12 @@ def load_clip_image_encoder(
                 + (example if isinstance(first, tuple | list) and len(first) == 3 else "")
             )
         hint = (
-            "the folder needs the visual projection: use a full CLIP model or CLIPVisionModelWithProjection"
-            if any("visual_projection" in k for k in missing)
+            f"the folder needs the projection: use a full CLIP model or {cls.__name__}"
+            if any("projection" in k for k in missing)
             else "the weights do not belong to this config.json; re-export the folder with save_pretrained"
         )
         raise ModelFormatError(f"the CLIP weights in {folder} do not fit its config: {detail}", hint)
-    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.startswith(_TEXT_TOWER)]
+    unexpected = [k for k in info.get("unexpected_keys") or [] if not k.startswith(other_tower)]
     if unexpected:
         logger.warning("%s: ignoring %d unexpected weights (e.g. %s)", folder, len(unexpected), unexpected[0])
-    return ClipImageEncoder(model.to(device), source=str(folder))
+    return model
