@@ -204,3 +204,42 @@ def test_hard_blocked_prompts_are_recorded_as_blocked_not_generated(tmp_path):
         "baseline"
     ]
     assert data["blocked_prompts"] == 1 and data["images"] == 2  # excluded from the rates, counted apart
+
+
+def test_torchrun_style_processes_split_the_prompts(tmp_path):
+    """Two processes with torchrun's RANK / WORLD_SIZE variables: each takes its share, the report merges."""
+    out = tmp_path / "run"
+    args = [
+        "--prompts",
+        "toy-plain",
+        "--limit",
+        "5",
+        "--steps",
+        "2",
+        "--images-per-prompt",
+        "1",
+        "--batch",
+        "1",
+    ]
+    procs = [
+        subprocess.Popen(
+            _cli(*args, "--out", str(out), "-q"),
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        assert "build the report with `safelatent report RUN`" in stderr
+    assert sorted(p.name for p in out.glob("results*.jsonl")) == [
+        "results-1-of-2.jsonl",
+        "results-2-of-2.jsonl",
+    ]
+    assert {r["prompt_id"] for r in read_all(out)} == {f"toy-plain:{i}" for i in range(5)}
+    report = CliRunner().invoke(app, ["report", str(out)])
+    assert report.exit_code == 0, report.output
+    assert json.loads((out / "report" / "results.json").read_text())["configs"]["baseline"]["images"] == 5

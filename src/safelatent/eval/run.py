@@ -22,6 +22,7 @@ blocks still apply, and a blocked prompt is stored as ``blocked`` (no images, ex
 from __future__ import annotations
 
 import json
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -116,7 +117,7 @@ def _pin_run(out_dir: Path, settings: EvalSettings, prompt_set: PromptSet) -> No
             )
         current["configs"] = {**saved["configs"], **current["configs"]}
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")  # shards may start together: one temp file each
     tmp.write_text(json.dumps(current, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)
 
