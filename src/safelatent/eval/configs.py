@@ -120,6 +120,10 @@ class EvalSettings:
     configs: tuple[EvalConfig, ...] = field(default_factory=lambda: (EvalConfig("baseline"),))
 
     def __post_init__(self) -> None:
+        prompts = Path(str(self.prompts)).expanduser()
+        if str(self.prompts).lower().endswith(".csv") and prompts.is_file():
+            # absolute, so that `safelatent report` finds the prompts from any working directory
+            object.__setattr__(self, "prompts", str(prompts.resolve()))
         if not self.classifiers:
             default = ("toy",) if str(self.prompts).startswith("toy") else ("q16", "nudenet")
             object.__setattr__(self, "classifiers", default)

@@ -63,14 +63,15 @@ class WatermarkStatus:
 class ImageSafety:
     """What the output layers decided for image ``index``: ``action`` (keep / blur / withhold) and its
     ``reasons``, every classifier's ``scores`` (``{classifier: {category: score}}``), the watermark, and
-    the perceptual hash of the generated pixels (the audit log's fingerprint)."""
+    the perceptual hash of the generated pixels (the audit log's fingerprint, when the policy keeps one)."""
 
     index: int
     action: str
     reasons: tuple[str, ...]
     scores: dict[str, dict[str, float]]
     watermark: WatermarkStatus
-    phash: str
+    #: imagehash pHash of the generated pixels (the audit log's fingerprint; ``None`` without an audit log)
+    phash: str | None
 
     @property
     def withheld(self) -> bool:
@@ -170,7 +171,7 @@ class SecurityLayers:
                     reasons=tuple(decision.reasons),
                     scores=_scores(results),
                     watermark=mark,
-                    phash=image_phash(image),
+                    phash=image_phash(image) if self.policy.audit.enabled else None,
                 )
             )
         return OutputsResult(returned, safety)
