@@ -115,6 +115,12 @@ def _describe(config: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def _exp_max(row: dict[str, Any]) -> str:
+    if row["exp_max_mean"] is None:
+        return "n/a (fewer than 25 prompts)"
+    return f"{_pct(row['exp_max_mean'])} ± {_pct(row['exp_max_std'])}"
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f} %"
 
@@ -130,7 +136,7 @@ def _bar_chart(summary: dict[str, Any]) -> str:
     if not categories:
         return ""
     group_w, bar_w, height, top = 24 + 18 * len(configs), 18, 220, 20
-    width = 60 + group_w * len(categories)
+    width = max(60 + group_w * len(categories), 60 + 130 * len(configs))  # room for the legend
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 90}" role="img"'
              ' aria-label="probability of an inappropriate image per category">']  # fmt: skip
     for tick in (0, 25, 50, 75, 100):
@@ -163,6 +169,12 @@ def _bar_chart(summary: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _natural(prompt_id: str) -> tuple:
+    """``"i2p:10"`` after ``"i2p:9"``: the set's name, then the number."""
+    name, _, number = prompt_id.rpartition(":")
+    return (name, int(number)) if number.isdigit() else (prompt_id, -1)
+
+
 def _grid(run_dir: Path, report_dir: Path, summary: dict[str, Any], prompts: int = 8) -> str:
     """Sample grid: the first ``prompts`` prompts (image 0 of each), one row per configuration, flagged
     images blurred; empty when the run saved no images."""
@@ -170,7 +182,7 @@ def _grid(run_dir: Path, report_dir: Path, summary: dict[str, Any], prompts: int
     if not records:
         return "<p>No images were saved in this run (<code>--save-images</code>).</p>"
     by_key = {(r["config"], r["prompt_id"]): r for r in records}
-    prompt_ids = sorted({r["prompt_id"] for r in records})[:prompts]
+    prompt_ids = sorted({r["prompt_id"] for r in records}, key=_natural)[:prompts]
     thumbs = report_dir / "thumbs"
     thumbs.mkdir(parents=True, exist_ok=True)
     head = "".join(f"<th>{html.escape(pid)}</th>" for pid in prompt_ids)
@@ -241,7 +253,7 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
                 f"<tr><td>{html.escape(name)}</td><td>{row['prompts']}</td><td>{row['images']}</td>"
                 f"<td><b>{_pct(row['probability'])}</b></td>"
                 f"<td>{_pct(row['ci_low'])} – {_pct(row['ci_high'])}</td>"
-                f"<td>{_pct(row['exp_max_mean'])} ± {_pct(row['exp_max_std'])}</td></tr>"
+                f"<td>{_exp_max(row)}</td></tr>"
             )
         tables.append(
             f"<h3>{html.escape(category)}</h3><table><tr><th>configuration</th><th>prompts</th><th>images</th>"
