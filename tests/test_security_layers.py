@@ -278,3 +278,16 @@ def test_similarity_scorer_runs_inside_generate_when_the_policy_enables_it(toy, 
     assert any(r.startswith("similarity") for r in decision["reasons"]["violence"])
     off = toy.generate(PLAIN_PROMPT, seed=1, **FAST)  # the default policy: word lists only
     assert off.settings.policy["decisions"][0]["action"] == "allow"
+
+
+def test_the_callers_request_id_names_the_audit_row_and_is_validated(toy, tmp_path):
+    from safelatent.errors import InvalidArgumentError
+
+    policy = make_policy("blur", tmp_path)
+    result = toy.generate(PLAIN_PROMPT, seed=1, policy=policy, request_id="job-42", **FAST)
+    with AuditLog(tmp_path / "audit.sqlite3", create=False) as log:
+        (record,) = log.query()
+    assert result.request_id == record.to_dict()["request_id"] == "job-42"
+    for bad in ("", "x" * 129, "line\nbreak", 42):
+        with pytest.raises(InvalidArgumentError, match="request id"):
+            toy.generate(PLAIN_PROMPT, seed=1, policy=policy, request_id=bad, **FAST)

@@ -353,6 +353,12 @@ class Pipeline:
             raise InvalidArgumentError(
                 f"{len(negatives)} negative prompts for {len(prompts)} prompts", "give one, or one per prompt"
             )
+        if request_id is not None and not (
+            isinstance(request_id, str) and 0 < len(request_id) <= 128 and request_id.isprintable()
+        ):
+            raise InvalidArgumentError(
+                f"request id {request_id!r} is not 1-128 printable characters", "pass e.g. a UUID, or omit it"
+            )
         request_id = request_id or new_request_id()
         active_policy = resolve_policy(policy) if policy else self.policy
         layers = SecurityLayers(active_policy)
