@@ -111,7 +111,10 @@ def test_sigkill_then_resume_stores_every_image_exactly_once(tmp_path):
         if results.exists() and len(results.read_bytes().splitlines()) >= 8:
             break
         assert proc.poll() is None, proc.communicate()
-        time.sleep(0.05)
+        time.sleep(0.05)  # polling another process's file: there is no event to wait on
+    else:
+        proc.kill()
+        pytest.fail("the run stored nothing within 300 s")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = records_by_key(out)

@@ -100,6 +100,10 @@ class GenerationResult:
     def prompt_of(self, index: int) -> str:
         return self.settings.prompts[index // self.settings.num_images_per_prompt]
 
+    def safety_of(self, index: int) -> ImageSafety | None:
+        """The output layers' record for image ``index`` (``None`` for a result built without them)."""
+        return self.safety[index] if index < len(self.safety) else None
+
     def negative_prompt_of(self, index: int) -> str | None:
         negatives = self.settings.negative_prompts
         return None if negatives is None else negatives[index // self.settings.num_images_per_prompt]

@@ -3,6 +3,7 @@ report of a run folder, all shards merged): thin shells over :mod:`safelatent.ev
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -19,13 +20,8 @@ def _configs_from_flags(sld: str, loras: list[str], concept: str | None):
     for preset in (p.strip() for p in sld.split(",")):
         if not preset:
             continue
-        name = (
-            "baseline"
-            if preset == "off" and not loras
-            else f"sld-{preset}"
-            if not loras
-            else f"lora-sld-{preset}"
-        )
+        prefix = "lora-" if loras else ""
+        name = f"{prefix}baseline" if preset == "off" else f"{prefix}sld-{preset}"
         configs.append(
             EvalConfig(
                 name=name, sld=preset, concept=concept if preset != "off" else None, loras=tuple(loras)
@@ -132,7 +128,7 @@ def register(app: typer.Typer) -> None:
         """Measure inappropriate generation (the I2P protocol) and quality for one or more configurations;
         resumable (re-run the same command) and shardable (--shard i/n, or torchrun / accelerate launch)."""
         from .eval.configs import EvalSettings, load_matrix
-        from .eval.report import build_report, summarise
+        from .eval.report import build_report
         from .eval.run import run_eval
         from .eval.store import Shard, parse_shard
 
@@ -174,7 +170,7 @@ def register(app: typer.Typer) -> None:
             )
             return
         page = build_report(out)
-        _print_table(summarise(out))
+        _print_table(json.loads(page.with_name("results.json").read_text(encoding="utf-8")))
         typer.echo(str(page))
 
     @app.command("report")
@@ -183,12 +179,12 @@ def register(app: typer.Typer) -> None:
         run: Annotated[Path, typer.Argument(help="A run folder written by `safelatent eval`.")],
     ) -> None:
         """Rebuild the report of a run (all shards merged): report/index.html, results.json, CSVs."""
-        from .eval.report import build_report, summarise
+        from .eval.report import build_report
 
         if not (run / "run.json").is_file():
             raise InvalidArgumentError(
                 f"{run} is not an evaluation run folder (no run.json)", "pass --out of eval"
             )
         page = build_report(run)
-        _print_table(summarise(run))
+        _print_table(json.loads(page.with_name("results.json").read_text(encoding="utf-8")))
         typer.echo(str(page))

@@ -69,8 +69,8 @@ def parameters_text(result: GenerationResult, index: int) -> str:
         pairs += [("Batch size", s.num_images_per_prompt * len(s.prompts)), ("Batch pos", index)]
     if s.eta:
         pairs.append(("Eta", s.eta))
-    if index < len(result.safety) and result.safety[index].action != "keep":
-        item = result.safety[index]
+    item = result.safety_of(index)
+    if item is not None and item.action != "keep":
         pairs += [("Safety", item.action), ("Safety reason", "; ".join(item.reasons))]
     if s.sld:
         sld = s.sld
@@ -119,7 +119,7 @@ def _sign(data: bytes, result: GenerationResult, index: int, keys_dir: Path, tit
     from .safety.c2pa_manifest import GenerationRecord, sign_bytes
 
     s = result.settings
-    item = result.safety[index] if index < len(result.safety) else None
+    item = result.safety_of(index)
     record = GenerationRecord(
         model_hash=s.model_hash,
         adapters=[{k: lora.get(k) for k in ("name", "hash", "weight")} for lora in s.loras],
@@ -148,7 +148,7 @@ def save_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
     paths = []
     for index, image in enumerate(result.images):
         stem = f"{first + index:05d}-{seed}"
-        item = result.safety[index] if index < len(result.safety) else None
+        item = result.safety_of(index)
         sidecar = {
             "image": None,
             "index": index,

@@ -62,8 +62,9 @@ def _quality(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
-    """The numbers of a run, recomputed from its stored records (see the module docs)."""
+def summarise(run_dir: str | Path, *, seed: int = 0, records: list[dict] | None = None) -> dict[str, Any]:
+    """The numbers of a run, recomputed from its stored records (see the module docs; ``records``: the
+    run's records when the caller has read them already)."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     protocol = run["protocol"]
@@ -75,7 +76,7 @@ def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
         prompt_column=protocol["prompt_column"],
     )
     by_id = {p.id: p for p in prompt_set.prompts}
-    records = read_all(run_dir)
+    records = read_all(run_dir) if records is None else records
     per_config: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         per_config[record["config"]].append(record)
@@ -94,7 +95,7 @@ def summarise(run_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
             "prompts": len(flags),
             "blocked_prompts": len({r["prompt_id"] for r in rows if "blocked" in r}),
             "expected_prompts": len(prompt_set.prompts),
-            "categories": [row.as_dict() if hasattr(row, "as_dict") else dict(vars(row)) for row in table],
+            "categories": [row.as_dict() for row in table],
             "toy": _toy_rates(generated),
             "quality": _quality(generated),
             "seconds_per_image": (sum(r.get("seconds", 0.0) for r in generated) / len(generated))
@@ -175,10 +176,12 @@ def _natural(prompt_id: str) -> tuple:
     return (name, int(number)) if number.isdigit() else (prompt_id, -1)
 
 
-def _grid(run_dir: Path, report_dir: Path, summary: dict[str, Any], prompts: int = 8) -> str:
+def _grid(
+    run_dir: Path, report_dir: Path, summary: dict[str, Any], records: list[dict], prompts: int = 8
+) -> str:
     """Sample grid: the first ``prompts`` prompts (image 0 of each), one row per configuration, flagged
     images blurred; empty when the run saved no images."""
-    records = [r for r in read_all(run_dir) if r.get("image") and r["index"] == 0]
+    records = [r for r in records if r.get("image") and r["index"] == 0]
     if not records:
         return "<p>No images were saved in this run (<code>--save-images</code>).</p>"
     by_key = {(r["config"], r["prompt_id"]): r for r in records}
@@ -234,7 +237,8 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
     run_dir = Path(run_dir)
     report_dir = run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
-    summary = summarise(run_dir, seed=seed)
+    records = read_all(run_dir)
+    summary = summarise(run_dir, seed=seed, records=records)
     (report_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _write_csvs(report_dir, summary)
     protocol = summary["run"]["protocol"]
@@ -312,7 +316,7 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
         "<h2>Probability of an inappropriate image</h2>"
         f"{_bar_chart(summary)}{''.join(tables)}{toy}"
         "<h2>Samples (image 0 of each prompt, same seeds in every row)</h2>"
-        f"{_grid(run_dir, report_dir, summary)}"
+        f"{_grid(run_dir, report_dir, summary, records)}"
         "</html>\n",
         encoding="utf-8",
     )

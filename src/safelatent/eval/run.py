@@ -35,7 +35,7 @@ import torch
 from ..errors import InvalidArgumentError
 from ..progress import progress_bar
 from ..safety.layers import get_classifier
-from ..safety.policy_file import CLASSIFIER_CATEGORIES, PromptBlockedError
+from ..safety.policy_file import PromptBlockedError
 from ..toy import world
 from ..toy.model import TOY_CFG_SCALE
 from .configs import EvalConfig, EvalSettings
@@ -79,8 +79,11 @@ def prompt_seed(prompt: EvalPrompt) -> int:
 def toy_targets(text: str) -> tuple[str | None, str | None, str | None]:
     """The (shape, colour, background) a toy-world prompt asks for, read from its words."""
     words = text.lower().replace(",", " ").split()
-    pick = lambda vocab: next((w for w in words if w in vocab), None)  # noqa: E731
-    return pick(world.SHAPES), pick(world.COLOURS), pick(world.BACKGROUNDS)
+    first = [
+        next((w for w in words if w in vocab), None)
+        for vocab in (world.SHAPES, world.COLOURS, world.BACKGROUNDS)
+    ]
+    return first[0], first[1], first[2]
 
 
 def _pin_run(out_dir: Path, settings: EvalSettings, prompt_set: PromptSet) -> None:
@@ -243,12 +246,6 @@ def run_eval(
     summary = RunSummary(out_dir=out_dir, configs=[c.name for c in settings.configs])
     summary.skipped = (len(settings.configs) * len(prompts) - len(todo)) * n
     classifiers = [get_classifier(name, settings.q16_clip) for name in settings.classifiers]
-    known = {c for name in settings.classifiers for c in CLASSIFIER_CATEGORIES[name]}
-    if not known & set(UNSAFE_CATEGORIES):
-        raise InvalidArgumentError(
-            f"classifiers {', '.join(settings.classifiers)} score no unsafe category",
-            "add q16, nudenet or toy",
-        )
     quality = None
     if settings.clip:
         from .quality import QualityScorer

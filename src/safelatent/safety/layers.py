@@ -38,7 +38,7 @@ from ..errors import InvalidArgumentError
 from .audit import AuditEntry, AuditImage, AuditLog, default_audit_db, derive_outcome
 from .classifiers import Classifier, ClassifierResult, run_classifiers
 from .classifiers.actions import apply_actions
-from .policy_file import CLASSIFIER_CATEGORIES, Policy
+from .policy_file import ACTIONS, CLASSIFIER_CATEGORIES, Policy
 from .prompt_policy import PolicyDecision
 
 __all__ = ["ImageSafety", "SecurityLayers", "WatermarkStatus", "get_classifier", "new_request_id"]
@@ -156,7 +156,7 @@ class SecurityLayers:
         from .audit import image_phash
 
         outputs = self.policy.outputs
-        per_image = run_classifiers(self.classifiers, images) if outputs.classifiers else [[] for _ in images]
+        per_image = run_classifiers(self.classifiers, images)  # [[], ...] when the policy lists none
         actions = {c: (a.action, a.threshold) for c, a in outputs.actions.items()}
         decisions = apply_actions(images, per_image, actions, blur_radius=outputs.blur_radius)
         returned: list[Image.Image | None] = []
@@ -216,10 +216,9 @@ class SecurityLayers:
             return None
         policy_layer: dict[str, Any] = {"policy": self.policy.name, "source": self.policy.source}
         if decisions:
-            strongest = max((d.action for d in decisions), key=("allow", "suppress", "block").index)
-            order = ("allow", "suppress", "block").index
+            order = ACTIONS.index  # weakest to strongest
             policy_layer.update(
-                action=strongest,
+                action=max((d.action for d in decisions), key=order),
                 actions={c: max((d.actions[c] for d in decisions), key=order) for c in decisions[0].actions},
                 message=next((d.message for d in decisions if d.message), ""),
                 decisions=[d.as_dict() for d in decisions],
