@@ -274,7 +274,9 @@ def main() -> None:
         out_json.write_text(json.dumps(info, indent=1))
 
     pipes = diffusers_pipelines(components)
-    ours = Pipeline(components)
+    # the `evaluation` policy: no output classifiers, watermark or audit row, like diffusers' pipelines
+    # with safety_checker=None (bench/security_overhead.py measures those layers)
+    ours = Pipeline(components, policy="evaluation")
     images: dict[tuple, np.ndarray] = {}
     columns = [("diffusers", None), ("eager", None)] + ([] if args.no_compile else [("fast", None)])
     for column, _ in columns:
@@ -318,7 +320,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
             for part in (reference32.unet, reference32.vae, reference32.text_encoder):
                 part.to(device=device)
-            reference = run_safelatent(Pipeline(reference32), "sld", 1, setup)
+            reference = run_safelatent(Pipeline(reference32, policy="evaluation"), "sld", 1, setup)
             numerics["eager_fp16_vs_fp32"] = diff(images[("eager", "sld", 1)], reference)
             if ("fast", "sld", 1) in images:
                 numerics["fast_fp16_vs_fp32"] = diff(images[("fast", "sld", 1)], reference)
