@@ -8,27 +8,17 @@ samples and −7 on these 100), not the target's last points, which 100 samples 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
-import torch
 
-from safelatent.train.lora import train_lora
-from safelatent.train.toy_theme import evaluate, theme_config, write_theme_folder
+from safelatent.train.toy_theme import evaluate, theme_config
 
 SAMPLES = 100
-TRAIN_IMAGES = 200
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("toy-lora")
-    write_theme_folder(tmp / "data", TRAIN_IMAGES, seed=2024)
-    torch.set_num_threads(2)
-    started = time.perf_counter()
-    summary = train_lora(theme_config(tmp / "data", tmp / "out"), keep_components=True)
-    seconds = time.perf_counter() - started
+def measured(toy_theme_adapter):
+    summary, seconds = toy_theme_adapter  # trained once per session (tests/conftest.py)
     rows = {(r["model"], r["prompts"]): r for r in evaluate(summary["components"], SAMPLES, seed=11)}
     return summary, rows, seconds
 

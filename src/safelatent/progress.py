@@ -25,11 +25,11 @@ class RateColumn(ProgressColumn):
         return Text("" if task.speed is None else f"{task.speed:.2f} {self.unit}/s")
 
 
-def progress_bar(*, transient: bool = False, rate_unit: str | None = None) -> Progress:
+def progress_bar(*, transient: bool = False, rate_unit: str | None = None, disable: bool = False) -> Progress:
     """A rich ``Progress`` (description, bar, n/total, [rate,] time left) on stderr; use as a context
     manager. ``rate_unit`` adds an items-per-second column (``"img"`` → ``2.31 img/s``)."""
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     if rate_unit:
         columns.append(RateColumn(rate_unit))
     columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=Console(stderr=True), transient=transient)
+    return Progress(*columns, console=Console(stderr=True), transient=transient, disable=disable)

@@ -16,7 +16,7 @@ import typer
 from .cli_errors import err, user_errors
 
 train_app = typer.Typer(
-    help="Train adapters: LoRA theme adapters from an image + caption folder.",
+    help="Train adapters: LoRA theme adapters from images, erasure adapters (ESD) from a concept.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -25,7 +25,7 @@ train_app = typer.Typer(
 
 @train_app.callback()
 def _group() -> None:
-    """Train adapters: LoRA theme adapters from an image + caption folder."""
+    """Train adapters: LoRA theme adapters from images, erasure adapters (ESD) from a concept."""
 
 
 _DATA = "Data"
@@ -170,7 +170,7 @@ def lora(
 ) -> None:
     """Train a LoRA theme adapter: writes OUT/pytorch_lora_weights.safetensors (diffusers format)."""
     flags = dict(locals())
-    from .train.config import build_config, read_toml
+    from .train.config import LoraTrainConfig
     from .train.lora import train_lora
 
     for key in ("config", "validation_prompt", "out"):
@@ -184,9 +184,114 @@ def lora(
         text_encoder_targets=_split(text_encoder_targets),
         validation_prompts=validation_prompt or None,
     )
-    file_values = read_toml(config) if config is not None else {}
-    settings = build_config(file_values, flags)
-    summary = train_lora(settings, log=lambda message: err.print(message, highlight=False))
+    _train(LoraTrainConfig, train_lora, config, flags)
+
+
+def _train(cls, trainer, config_file: Path | None, flags: dict) -> None:
+    """Settings (defaults < ``--config`` file < flags) → ``trainer`` → one JSON summary on stdout."""
+    from .train.config import build_config, read_toml
+
+    file_values = read_toml(config_file, cls) if config_file is not None else {}
+    settings = build_config(file_values, flags, cls)
+    summary = trainer(settings, log=lambda message: err.print(message, highlight=False))
     summary.pop("losses", None)
     if summary["process_index"] == 0:  # under `accelerate launch`, one summary for the run
         typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+_ERASE = "Erasure"
+
+
+@train_app.command("erase")
+@user_errors
+def erase(
+    concept: Annotated[
+        str | None, _opt('The concept to erase, as a prompt (e.g. "blood splatter").', _ERASE)
+    ] = None,
+    out: Annotated[
+        Path | None, _opt("Output folder (weights, checkpoints, logs).", _RUN, "--out", "-o")
+    ] = None,
+    model: Annotated[
+        Path | None,
+        _opt(
+            "Base model: diffusers folder or checkpoint file (default: the toy model).", _RUN, "--model", "-m"
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        _opt(
+            "TOML file of settings (flags override it; [erase] table or top level).", _RUN, "--config", "-c"
+        ),
+    ] = None,
+    model_config: Annotated[
+        Path | None, _opt("Config folder for a single-file model of other widths.")
+    ] = None,
+    variant: Annotated[
+        str | None, _opt("x: cross-attention only (ESD-x, default); u: everything else (ESD-u).", _ERASE)
+    ] = None,
+    eta: Annotated[float | None, _opt("η, negative guidance of the target (default 1).", _ERASE)] = None,
+    preserve: Annotated[
+        list[str] | None,
+        _opt("A concept to keep as the base model has it (repeatable).", _ERASE, "--preserve"),
+    ] = None,
+    preserve_weight: Annotated[
+        float | None, _opt("Weight of the preservation term (default 1).", _ERASE)
+    ] = None,
+    trajectories: Annotated[
+        int | None, _opt("Frozen-model trajectories per prompt in the training pool (default 64).", _ERASE)
+    ] = None,
+    sample_steps: Annotated[int | None, _opt("DDIM steps of each trajectory (default 50).", _ERASE)] = None,
+    sample_cfg: Annotated[float | None, _opt("CFG scale of the trajectories (default 3).", _ERASE)] = None,
+    resolution: Annotated[int | None, _opt("Sampling size in pixels (default: the model's).", _ERASE)] = None,
+    rank: Annotated[int | None, _opt("LoRA rank r (default 4).", _LORA)] = None,
+    alpha: Annotated[float | None, _opt("LoRA alpha (default: rank).", _LORA)] = None,
+    steps: Annotated[int | None, _opt("Optimizer steps (default 1000).", _OPT)] = None,
+    batch_size: Annotated[int | None, _opt("Pool examples per batch and process (default 1).", _OPT)] = None,
+    learning_rate: Annotated[
+        float | None, _opt("Learning rate (default 1e-4).", _OPT, "--learning-rate", "--lr")
+    ] = None,
+    lr_scheduler: Annotated[
+        str | None, _opt("constant, constant_with_warmup, linear, cosine, …", _OPT)
+    ] = None,
+    lr_warmup_steps: Annotated[int | None, _opt("Warm-up steps (default 0).", _OPT)] = None,
+    mixed_precision: Annotated[
+        str | None, _opt("no, bf16 or fp16 (CUDA); LoRA weights stay fp32.", _OPT)
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool | None,
+        _opt("Trade compute for memory.", _OPT, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    ] = None,
+    seed: Annotated[int | None, _opt("Seed of initialisation, trajectories and draws (default 0).")] = None,
+    checkpoint_steps: Annotated[
+        int | None, _opt("Checkpoint every N steps; 0 = never (default 500).")
+    ] = None,
+    keep_checkpoints: Annotated[int | None, _opt("Newest checkpoints to keep (default 3).")] = None,
+    resume: Annotated[
+        bool | None, _opt("Continue from the latest checkpoint in --out.", _RUN, "--resume/--no-resume")
+    ] = None,
+    validation_prompt: Annotated[
+        list[str] | None, _opt("A validation prompt (repeatable).", _RUN, "--validation-prompt")
+    ] = None,
+    validation_steps: Annotated[
+        int | None, _opt("Validation images every N steps (0: at the end only).")
+    ] = None,
+    device: Annotated[str | None, _opt("auto, cpu or cuda.")] = None,
+    threads: Annotated[int | None, _opt("CPU threads.")] = None,
+    progress: Annotated[bool | None, _opt("Progress bar.", _RUN, "--progress/--no-progress")] = None,
+) -> None:
+    """Train an erasure adapter (ESD objective as a LoRA, no image data): writes
+    OUT/pytorch_lora_weights.safetensors, loaded with --lora like any adapter."""
+    flags = dict(locals())
+    from .train.config import EraseTrainConfig
+    from .train.erase import train_erase
+
+    for key in ("config", "validation_prompt", "out"):
+        flags.pop(key)
+    flags.update(
+        out_dir=None if out is None else str(out),
+        model=None if model is None else str(model),
+        model_config=None if model_config is None else str(model_config),
+        validation_prompts=validation_prompt or None,
+        preserve=preserve or None,
+    )
+    _train(EraseTrainConfig, train_erase, config, flags)
