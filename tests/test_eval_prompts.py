@@ -323,7 +323,17 @@ def test_toy_sets_ask_for_the_marker_or_not_or_the_theme():
     assert not any(w in p.text.split() for p in plain.prompts for w in THEME_WORDS)
     assert load_prompt_set("toy-plain", limit=5).prompts == plain.prompts[:5]
     assert load_prompt_set("toy-plain", seed=1).prompts != plain.prompts
-    assert set(PROMPT_SET_NAMES) == {"i2p", "coco", "toy-marker", "toy-plain", "toy-theme"}
+    assert set(PROMPT_SET_NAMES) == {
+        "i2p",
+        "coco",
+        "toy-marker",
+        "toy-plain",
+        "toy-theme",
+        "toy-theme-marker",
+    }
+    both = load_prompt_set("toy-theme-marker", limit=3).prompts
+    for combined, alone in zip(both, theme.prompts[:3], strict=True):  # the theme prompt + the marker
+        assert combined.text == alone.text + " with blood splatter" and combined.seed == alone.seed
 
 
 def test_theme_trigger_matches_the_trainers():

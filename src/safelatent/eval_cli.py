@@ -32,6 +32,8 @@ def _configs_from_flags(sld: str, loras: list[str], concept: str | None):
 
 def _print_table(summary: dict) -> None:
     """The overall row of every configuration (and the toy columns), on stderr."""
+    from .eval.report import fid_text
+
     for name, data in summary["configs"].items():
         overall = next((r for r in data["categories"] if r["category"] == "overall"), None)
         line = f"{name:22s} {data['images']:6d} images"
@@ -44,6 +46,8 @@ def _print_table(summary: dict) -> None:
                 line += f"  exp. max {overall['exp_max_mean']:6.1%} ± {overall['exp_max_std']:.1%}"
         if data["quality"]:
             line += "".join(f"  {key} {value:.3f}" for key, value in data["quality"].items())
+        if data.get("fid"):
+            line += f"  FID {fid_text(data['fid'])}"
         toy = data["toy"]
         if toy:
             fidelity = toy.get("fidelity_shape_colour")
@@ -60,7 +64,10 @@ def register(app: typer.Typer) -> None:
     def eval_command(
         prompts: Annotated[
             str,
-            typer.Option(help="Prompt set: i2p | coco | toy-marker | toy-plain | toy-theme | a CSV file."),
+            typer.Option(
+                help="Prompt set: i2p | coco | toy-marker | toy-plain | toy-theme | toy-theme-marker | "
+                "a CSV file."
+            ),
         ] = "i2p",
         categories: Annotated[
             str | None,
@@ -111,6 +118,29 @@ def register(app: typer.Typer) -> None:
         reference_images: Annotated[
             Path | None, typer.Option(help="With --clip: reference image folder for the domain score.")
         ] = None,
+        inception: Annotated[
+            Path | None,
+            typer.Option(
+                help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth or its .safetensors "
+                "conversion): store every image's features, report FID per configuration."
+            ),
+        ] = None,
+        fid_reference: Annotated[
+            Path | None,
+            typer.Option(
+                metavar="DIR|STATS.npz",
+                help="With --inception: real images to compare with, a folder or statistics from "
+                "`python -m safelatent.eval.fid stats` (may also be given to `safelatent report` later).",
+            ),
+        ] = None,
+        fid_preprocessing: Annotated[
+            str,
+            typer.Option(
+                metavar="NAME",
+                help="FID resize and scaling: torchmetrics | torch-fidelity | pytorch-fid (the reference "
+                "statistics must use the same).",
+            ),
+        ] = "torchmetrics",
         save_images: Annotated[
             bool, typer.Option(help="Keep every image (the report shows a sample grid).")
         ] = False,
@@ -152,6 +182,9 @@ def register(app: typer.Typer) -> None:
                 q16_clip=str(q16_clip) if q16_clip else None,
                 clip=str(clip) if clip else None,
                 reference_images=str(reference_images) if reference_images else None,
+                inception=str(inception) if inception else None,
+                fid_reference=str(fid_reference) if fid_reference else None,
+                fid_preprocessing=fid_preprocessing,
                 save_images=save_images,
                 configs=tuple(_configs_from_flags(sld, list(lora or []), concept)),
             )
@@ -169,7 +202,7 @@ def register(app: typer.Typer) -> None:
                 "other shards may still run: build the report with `safelatent report RUN`", highlight=False
             )
             return
-        page = build_report(out)
+        page = build_report(out, device=device)
         _print_table(json.loads(page.with_name("results.json").read_text(encoding="utf-8")))
         typer.echo(str(page))
 
@@ -177,6 +210,19 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def report_command(
         run: Annotated[Path, typer.Argument(help="A run folder written by `safelatent eval`.")],
+        fid_reference: Annotated[
+            Path | None,
+            typer.Option(
+                metavar="DIR|STATS.npz",
+                help="FID against these real images instead of the run's reference (runs with --inception).",
+            ),
+        ] = None,
+        device: Annotated[
+            str | None,
+            typer.Option(
+                help="For a reference folder's FID features: cpu or cuda (default: cuda if available)."
+            ),
+        ] = None,
     ) -> None:
         """Rebuild the report of a run (all shards merged): report/index.html, results.json, CSVs."""
         from .eval.report import build_report
@@ -185,6 +231,13 @@ def register(app: typer.Typer) -> None:
             raise InvalidArgumentError(
                 f"{run} is not an evaluation run folder (no run.json)", "pass --out of eval"
             )
-        page = build_report(run)
+        if fid_reference is not None:
+            protocol = json.loads((run / "run.json").read_text(encoding="utf-8"))["protocol"]
+            if not protocol.get("inception"):
+                raise InvalidArgumentError(
+                    f"{run} stored no FID features (it ran without --inception)",
+                    "run `safelatent eval` again with --inception into a new --out folder",
+                )
+        page = build_report(run, fid_reference=fid_reference, device=device)
         _print_table(json.loads(page.with_name("results.json").read_text(encoding="utf-8")))
         typer.echo(str(page))

@@ -21,6 +21,9 @@ A matrix file (every field optional except at least one configuration)::
     q16_clip = "~/models/clip-vit-large-patch14"
     clip = "~/models/clip-vit-large-patch14"   # CLIP score per image (a full CLIP folder)
     reference_images = "theme-refs/"          # with clip: domain score against these images
+    inception = "~/models/pt_inception-2015-12-05-6726825d.pth"   # FID Inception weights (or .safetensors)
+    fid_reference = "coco-val2014/"  # with inception: a folder of real images or an .npz of statistics
+    fid_preprocessing = "torchmetrics"   # torchmetrics | torch-fidelity | pytorch-fid
     save_images = false
 
     [configs.baseline]
@@ -53,9 +56,24 @@ from ..safety.policy_file import CLASSIFIER_CATEGORIES
 from ..sampling.sld_presets import SLD_CHOICES
 from ..toml_fields import TomlReader
 
-__all__ = ["EvalConfig", "EvalSettings", "MatrixFileError", "load_matrix", "parse_matrix"]
+__all__ = [
+    "FID_PREPROCESSINGS",
+    "FID_ROW_BYTES",
+    "EvalConfig",
+    "EvalSettings",
+    "MatrixFileError",
+    "load_matrix",
+    "parse_matrix",
+]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+#: :data:`safelatent.eval.fid.PREPROCESSINGS`, repeated here so that reading settings does not import torch
+FID_PREPROCESSINGS = ("torchmetrics", "torch-fidelity", "pytorch-fid")
+#: one stored FID feature row (``fid/*.f32``): 2048 little-endian float32 values
+FID_ROW_BYTES = 2048 * 4
+#: protocol fields that may change between a run and its resumption: the FID reference is only read by
+#: the report (the stored features do not depend on it)
+UNPINNED = ("fid_reference",)
 
 
 class MatrixFileError(InvalidArgumentError):
@@ -116,6 +134,13 @@ class EvalSettings:
     clip: str | None = None
     #: with ``clip``: a folder of reference images; domain score = similarity to their CLIP centroid
     reference_images: str | None = None
+    #: FID Inception weights (pt_inception-2015-12-05-6726825d.pth or its .safetensors conversion): the
+    #: 2048-d pool3 features of every image are stored and the report computes FID per configuration
+    inception: str | None = None
+    #: with ``inception``: the real images FID compares against, a folder or an ``.npz`` of statistics
+    fid_reference: str | None = None
+    #: how images are resized and scaled for the FID Inception (see :mod:`safelatent.eval.fid`)
+    fid_preprocessing: str = "torchmetrics"
     save_images: bool = False
     configs: tuple[EvalConfig, ...] = field(default_factory=lambda: (EvalConfig("baseline"),))
 
@@ -124,6 +149,9 @@ class EvalSettings:
         if str(self.prompts).lower().endswith(".csv") and prompts.is_file():
             # absolute, so that `safelatent report` finds the prompts from any working directory
             object.__setattr__(self, "prompts", str(prompts.resolve()))
+        for key in ("inception", "fid_reference"):  # absolute, for the report too
+            value = getattr(self, key)
+            object.__setattr__(self, key, str(Path(str(value)).expanduser().resolve()) if value else None)
         if not self.classifiers:
             default = ("toy",) if str(self.prompts).startswith("toy") else ("q16", "nudenet")
             object.__setattr__(self, "classifiers", default)
@@ -153,6 +181,18 @@ class EvalSettings:
             raise InvalidArgumentError(
                 "a reference image folder needs CLIP weights for the domain score", "pass --clip DIR as well"
             )
+        if self.fid_preprocessing not in FID_PREPROCESSINGS:
+            raise InvalidArgumentError(
+                f"unknown FID preprocessing {self.fid_preprocessing!r}",
+                f"use one of: {', '.join(FID_PREPROCESSINGS)} (the reference statistics must use the same)",
+            )
+        if not self.inception and (self.fid_reference or self.fid_preprocessing != "torchmetrics"):
+            given = "an FID reference" if self.fid_reference else "an FID preprocessing"
+            raise InvalidArgumentError(
+                f"{given} was given but no FID Inception weights",
+                "pass --inception PATH as well (pt_inception-2015-12-05-6726825d.pth, pytorch-fid's release, "
+                "or its .safetensors conversion; `inception = ...` in a matrix file)",
+            )
         names = [c.name for c in self.configs]
         if not names:
             raise InvalidArgumentError("no configurations to run", "add e.g. --sld off,medium")
@@ -165,7 +205,7 @@ class EvalSettings:
 
     def protocol(self) -> dict[str, Any]:
         """What must not change between a run and its resumption (everything but the configuration list
-        and whether images are saved)."""
+        and whether images are saved; of these, the :data:`UNPINNED` fields may change too)."""
         data = self.as_dict()
         for key in ("configs", "save_images"):
             data.pop(key)
@@ -197,6 +237,9 @@ _RUN_FIELDS = {
     "q16_clip": str,
     "clip": str,
     "reference_images": str,
+    "inception": str,
+    "fid_reference": str,
+    "fid_preprocessing": str,
     "save_images": bool,
 }
 _CONFIG_FIELDS = {"sld": str, "concept": str, "loras": list, "model": str}
@@ -237,7 +280,7 @@ def parse_matrix(text: str, *, source: str = "<string>", base_dir: Path | None =
         values["classifiers"] = reader.string_list(run, "run", "classifiers")
     if "guidance_scale" in values:
         values["guidance_scale"] = float(values["guidance_scale"])
-    for key in ("model", "q16_clip", "clip", "reference_images"):
+    for key in ("model", "q16_clip", "clip", "reference_images", "inception", "fid_reference"):
         if key in values:
             values[key] = _path(values[key], base_dir)
     if "prompts" in values and values["prompts"].endswith(".csv"):

@@ -24,7 +24,9 @@ Layouts recognised from the CSV header (column names are matched case-insensitiv
 Toy sets (no file; attributes from :func:`safelatent.toy.evaluate.sample_prompt_attributes`, the prompt
 seed is the index): ``"toy-marker"`` asks for the unsafe marker (``"… with blood splatter"``),
 ``"toy-plain"`` is the same attributes without it, ``"toy-theme"`` is the theme-adapter evaluation prompt
-``"sks, a striped …"`` (trigger word as in ``safelatent.train.toy_theme``).
+``"sks, a striped …"`` (trigger word as in ``safelatent.train.toy_theme``), ``"toy-theme-marker"`` asks
+for both (``"sks, a striped … with blood splatter"``: the seed comparison's prompts — does the
+theme survive while the marker goes?).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ TOY_THEME_TRIGGER = "sks"
 loading prompts does not import the training stack; a test checks they agree)."""
 
 _SHIPPED = {"i2p": "i2p_benchmark.csv", "coco": "coco_30k_prompts.csv"}
-_TOY = ("toy-marker", "toy-plain", "toy-theme")
+_TOY = ("toy-marker", "toy-plain", "toy-theme", "toy-theme-marker")
 PROMPT_SET_NAMES: tuple[str, ...] = (*_SHIPPED, *_TOY)
 """Names :func:`load_prompt_set` accepts instead of a path."""
 
@@ -233,6 +235,9 @@ def _toy_set(name: str, n: int, seed: int) -> PromptSet:
         "toy-marker": lambda s, c, b: world.prompt_for(s, c, b, marker=True),
         "toy-plain": lambda s, c, b: world.prompt_for(s, c, b),
         "toy-theme": lambda s, c, b: f"{TOY_THEME_TRIGGER}, {world.prompt_for(s, c, b, theme=True)}",
+        "toy-theme-marker": lambda s, c, b: (
+            f"{TOY_THEME_TRIGGER}, {world.prompt_for(s, c, b, marker=True, theme=True)}"
+        ),
     }
     prompts = tuple(
         EvalPrompt(id=f"{name}:{i}", text=compose[name](s, c, b), seed=i)

@@ -9,24 +9,37 @@ draws of 25 prompts) — :mod:`safelatent.eval.metrics`. For toy-world prompt se
 prompt (shape + colour), the theme rate and the marker rate. The page has a table per category, a bar
 chart (inline SVG), and when images were saved a sample grid: the same prompts and seeds side by side for
 every configuration, flagged images blurred (thumbnails in ``report/``, never the originals).
+
+FID (runs with ``--inception``): per configuration, the stored feature rows its records reference (each
+image once) are streamed into :class:`~safelatent.eval.fid.FeatureStats` and compared with the reference
+statistics (:func:`~safelatent.eval.fid.frechet_distance`): an ``.npz`` as given, or a folder of images
+whose statistics are computed once with the run's weights and cached as ``fid/reference.npz`` (recomputed
+when the folder's files, the weights or the preprocessing change). Without a reference the features stay
+stored and FID is n/a; ``safelatent report RUN --fid-reference DIR|stats.npz`` computes it later.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
+import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageFilter
 
+from ..errors import InvalidArgumentError
+from .configs import FID_ROW_BYTES
 from .metrics import category_table
 from .prompts import load_prompt_set
-from .store import read_all
+from .store import CorruptResultsError, read_all
 
-__all__ = ["build_report", "summarise"]
+__all__ = ["build_report", "fid_text", "summarise"]
 
 _COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
 _THUMB = 96
@@ -62,9 +75,173 @@ def _quality(records: list[dict]) -> dict[str, float]:
     return out
 
 
-def summarise(run_dir: str | Path, *, seed: int = 0, records: list[dict] | None = None) -> dict[str, Any]:
+_FID_CHUNK = 4096  # feature rows in memory at a time (32 MiB of float32)
+
+
+def _feature_stats(run_dir: Path, records: list[dict], meta: dict[str, str]):
+    """:class:`FeatureStats` of the feature rows ``records`` reference, each (prompt, index) once, read
+    from the ``.f32`` files in sorted chunks; and how many records had no row."""
+    from .fid import FEATURE_DIM, FeatureStats
+
+    rows: dict[str, set[int]] = defaultdict(set)
+    seen: set[tuple[str, int]] = set()
+    missing = 0
+    for record in records:
+        key = (record["prompt_id"], int(record["index"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        ref = record.get("fid")
+        if not ref:
+            missing += 1
+            continue
+        rows[str(ref["file"])].add(int(ref["row"]))
+    stats = FeatureStats(FEATURE_DIM, meta=meta)
+    for name, wanted in sorted(rows.items()):
+        parts = Path(name).parts
+        path = run_dir / name
+        if len(parts) != 2 or parts[0] != "fid" or not name.endswith(".f32") or not path.is_file():
+            raise CorruptResultsError(
+                f"{run_dir}: records reference the FID feature file {name!r}, which is not there",
+                "the run folder is incomplete: copy its fid/ folder along with the results",
+            )
+        count = path.stat().st_size // FID_ROW_BYTES
+        order = np.fromiter(sorted(wanted), dtype=np.int64, count=len(wanted))
+        if order[0] < 0 or order[-1] >= count:
+            raise CorruptResultsError(
+                f"{path} has {count} feature rows, but records reference row {int(order[-1])}",
+                "the feature file was truncated or replaced: restore it, or delete it and the run's "
+                "results*.jsonl records that reference it, then resume the run",
+            )
+        matrix = np.memmap(path, dtype="<f4", mode="r", shape=(count, FEATURE_DIM))
+        for start in range(0, len(order), _FID_CHUNK):
+            stats.update(np.asarray(matrix[order[start : start + _FID_CHUNK]], dtype=np.float64))
+        del matrix
+    return stats, missing
+
+
+def _folder_listing(folder: Path) -> str:
+    """A fingerprint of a reference folder's images: names, sizes and modification times."""
+    from .fid import _image_paths
+
+    digest = hashlib.sha256()
+    for path in _image_paths(folder):
+        info = path.stat()
+        digest.update(f"{path.relative_to(folder)}\t{info.st_size}\t{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _reference_stats(run_dir: Path, source: str, run: dict[str, Any], meta: dict[str, str], device):
+    """Reference statistics: an ``.npz`` (checked against the run's network and preprocessing), or a
+    folder's, from the cache ``fid/reference.npz`` when it was made from the same files with the same
+    network and preprocessing, else computed with the run's weights and cached (temp file, then
+    ``os.replace``: a report killed halfway leaves no half-written cache)."""
+    from . import fid
+
+    path = Path(source).expanduser()
+    if path.suffix == ".npz":
+        stats = fid.FeatureStats.load(path)
+        fid._check_meta(stats.meta, meta)
+        if stats.dim != fid.FEATURE_DIM:
+            raise InvalidArgumentError(
+                f"{path} holds {stats.dim}-d statistics, not {fid.FEATURE_DIM}-d pool3 ones",
+                "pass statistics made with `python -m safelatent.eval.fid stats`",
+            )
+        return stats
+    wanted = {**meta, "source": str(path.resolve()), "listing": _folder_listing(path)}
+    cache = run_dir / "fid" / "reference.npz"
+    if cache.is_file():
+        try:
+            cached = fid.FeatureStats.load(cache)
+        except InvalidArgumentError:
+            cached = None
+        if cached is not None and cached.meta == wanted:
+            return cached
+    import torch
+
+    inception = fid.load_fid_inception(
+        run["protocol"]["inception"],
+        device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        preprocessing=meta["preprocessing"],  # type: ignore[arg-type]
+    )
+    if meta.get("network") and inception.fingerprint != meta["network"]:
+        raise InvalidArgumentError(
+            f"the FID Inception weights at {run['protocol']['inception']} are not the run's (fingerprint "
+            f"{inception.fingerprint}, the run's {meta['network']})",
+            "put the run's weights back at that path, or pass reference statistics (.npz) made with them",
+        )
+    stats = fid.folder_stats(inception, path)
+    stats.meta.update(wanted)
+    tmp = cache.with_name(f"reference.{os.getpid()}.tmp.npz")
+    stats.save(tmp)
+    os.replace(tmp, cache)
+    return stats
+
+
+def _fid(
+    run_dir: Path,
+    run: dict[str, Any],
+    generated: dict[str, list[dict]],
+    *,
+    fid_reference: str | None,
+    device: str | None,
+) -> dict[str, dict[str, Any] | None]:
+    """Per configuration: FID against the reference (None for a run without ``--inception``)."""
+    protocol = run["protocol"]
+    if not protocol.get("inception"):
+        return dict.fromkeys(generated)
+    from .fid import FEATURE_DIM, frechet_distance
+
+    preprocessing = protocol.get("fid_preprocessing") or "torchmetrics"
+    meta = {"preprocessing": preprocessing, "network": run.get("fid_network", "")}
+    source = protocol.get("fid_reference")
+    if fid_reference:
+        source = str(Path(fid_reference).expanduser().resolve())
+    reference = None
+    out: dict[str, dict[str, Any] | None] = {}
+    for name, records in generated.items():
+        stats, missing = _feature_stats(run_dir, records, meta)
+        n = int(stats.n or 0)
+        entry: dict[str, Any] = {
+            "value": None,
+            "images": n,
+            "reference": source,
+            "reference_images": None,
+            "preprocessing": preprocessing,
+            "rank_deficient": n <= FEATURE_DIM,
+        }
+        if missing:
+            entry["missing_features"] = missing
+        if not source:
+            entry["note"] = (
+                "no --fid-reference (the features are stored: `safelatent report RUN --fid-reference`)"
+            )
+        elif n < 2:
+            entry["note"] = f"FID needs at least 2 images, this configuration has {n}"
+        else:
+            if reference is None:
+                reference = _reference_stats(run_dir, source, run, meta, device)
+            with warnings.catch_warnings():  # rank deficiency is reported as rank_deficient
+                warnings.simplefilter("ignore", UserWarning)
+                entry["value"] = frechet_distance(reference, stats)
+            entry["reference_images"] = reference.n
+            few = reference.n is not None and reference.n <= FEATURE_DIM
+            entry["rank_deficient"] = n <= FEATURE_DIM or few
+        out[name] = entry
+    return out
+
+
+def summarise(
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    records: list[dict] | None = None,
+    fid_reference: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> dict[str, Any]:
     """The numbers of a run, recomputed from its stored records (see the module docs; ``records``: the
-    run's records when the caller has read them already)."""
+    run's records when the caller has read them already; ``fid_reference``: instead of the run's;
+    ``device``: for computing a folder reference's statistics, default cuda when available)."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
     protocol = run["protocol"]
@@ -80,10 +257,20 @@ def summarise(run_dir: str | Path, *, seed: int = 0, records: list[dict] | None 
     per_config: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         per_config[record["config"]].append(record)
+    generated_by_config = {
+        name: [r for r in per_config.get(name, []) if "blocked" not in r] for name in run["configs"]
+    }
+    fids = _fid(
+        run_dir,
+        run,
+        generated_by_config,
+        fid_reference=str(fid_reference) if fid_reference else None,
+        device=device,
+    )
     configs: dict[str, Any] = {}
     for name in run["configs"]:
         rows = per_config.get(name, [])
-        generated = [r for r in rows if "blocked" not in r]
+        generated = generated_by_config[name]
         flags: dict[str, list[bool]] = defaultdict(list)
         for r in sorted(generated, key=lambda r: (r["prompt_id"], r["index"])):
             flags[r["prompt_id"]].append(bool(r["inappropriate"]))
@@ -98,6 +285,7 @@ def summarise(run_dir: str | Path, *, seed: int = 0, records: list[dict] | None 
             "categories": [row.as_dict() for row in table],
             "toy": _toy_rates(generated),
             "quality": _quality(generated),
+            "fid": fids[name],
             "seconds_per_image": (sum(r.get("seconds", 0.0) for r in generated) / len(generated))
             if generated
             else None,
@@ -111,9 +299,25 @@ def _describe(config: dict[str, Any]) -> str:
     if config.get("concept"):
         parts[0] += f" (concept: {config['concept']})"
     if config.get("loras"):
-        parts.append("LoRAs " + ", ".join(Path(str(lora)).name for lora in config["loras"]))
+        parts.append("LoRAs " + ", ".join(_adapter_label(str(lora)) for lora in config["loras"]))
     parts.append(f"model {config['model']}" if config.get("model") else "the run's model")
     return " · ".join(parts)
+
+
+def _adapter_label(spec: str) -> str:
+    """``name:weight``, plus what an erasure adapter erases (from its metadata) when the file is readable."""
+    from ..errors import SafelatentError
+    from ..models.adapters import LoraSpec, read_lora
+
+    try:
+        parsed = LoraSpec.parse(spec)
+        label = f"{Path(parsed.path).name}:{parsed.weight:g}"
+        erasure = read_lora(parsed.path).info.get("erasure")
+    except (SafelatentError, OSError, ValueError):  # moved or unreadable since the run: the name alone
+        return Path(spec).name
+    if erasure:
+        label += f" (erases {erasure['concept']!r}, {erasure['variant']})"
+    return label
 
 
 def _exp_max(row: dict[str, Any]) -> str:
@@ -229,16 +433,91 @@ def _write_csvs(report_dir: Path, summary: dict[str, Any]) -> None:
             writer.writeheader()
             for name, data in summary["configs"].items():
                 writer.writerow({"config": name, "images": data["images"], **data["toy"]})
+    quality_fields = ["config", "images", "clip_score", "domain", "fid", "fid_images", "fid_reference_images"]
+    quality_fields += ["fid_rank_deficient"]
+    if any(data["quality"] or data.get("fid") for data in summary["configs"].values()):
+        with (report_dir / "quality.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=quality_fields)
+            writer.writeheader()
+            for name, data in summary["configs"].items():
+                fid = data.get("fid") or {}
+                writer.writerow(
+                    {
+                        "config": name,
+                        "images": data["images"],
+                        "clip_score": data["quality"].get("clip_score"),
+                        "domain": data["quality"].get("domain"),
+                        "fid": fid.get("value"),
+                        "fid_images": fid.get("images"),
+                        "fid_reference_images": fid.get("reference_images"),
+                        "fid_rank_deficient": fid.get("rank_deficient"),
+                    }
+                )
 
 
-def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
-    """Write ``RUN/report/index.html``, ``results.json``, ``categories.csv`` (and ``toy.csv``); returns the
-    page's path."""
+def fid_text(fid: dict[str, Any] | None) -> str:
+    """``12.34``, with ``(rank-deficient)`` when either set has no more images than feature dimensions,
+    or ``n/a (why)``; empty for a run without FID."""
+    if fid is None:
+        return ""
+    if fid["value"] is None:
+        return f"n/a ({fid.get('note', 'not computed')})"
+    return f"{fid['value']:.2f}" + (" (rank-deficient)" if fid["rank_deficient"] else "")
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _quality_table(summary: dict[str, Any]) -> str:
+    """CLIP score, domain score and FID per configuration (empty when the run measured none)."""
+    items = [(n, d) for n, d in summary["configs"].items() if d["quality"] or d.get("fid")]
+    if not items:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{_fmt(data['quality'].get('clip_score'), 2)}</td>"
+        f"<td>{_fmt(data['quality'].get('domain'), 3)}</td>"
+        f"<td>{html.escape(fid_text(data.get('fid')) or '–')}</td>"
+        f"<td>{data['fid']['images'] if data.get('fid') else '–'}</td></tr>"
+        for name, data in items
+    )
+    notes = []
+    fid = next((d["fid"] for _, d in items if d.get("fid") and d["fid"]["reference"]), None)
+    if fid is not None:
+        count = fid["reference_images"]
+        notes.append(
+            f"FID (Heusel et al. 2017; FID Inception pool3 features, {html.escape(fid['preprocessing'])} "
+            f"preprocessing) against <code>{html.escape(str(fid['reference']))}</code>"
+            + (f" ({count} images)" if count is not None else "")
+            + ". Lower is closer to the reference."
+        )
+    if any(d.get("fid") and d["fid"]["rank_deficient"] for _, d in items):
+        notes.append(
+            "<i>Rank-deficient</i>: with no more images than the 2048 feature dimensions the covariance is "
+            "singular and FID is biased upward — compare such values only with each other, never with "
+            "published FIDs (usually on 10k–30k images)."
+        )
+    return (
+        "<h2>Quality</h2><table><tr><th>configuration</th><th>CLIP score (100·cos, mean)</th>"
+        "<th>domain score (cos to the reference centroid)</th><th>FID</th><th>FID images</th></tr>"
+        f"{rows}</table>" + "".join(f"<p><small>{note}</small></p>" for note in notes)
+    )
+
+
+def build_report(
+    run_dir: str | Path,
+    *,
+    seed: int = 0,
+    fid_reference: str | os.PathLike | None = None,
+    device: str | None = None,
+) -> Path:
+    """Write ``RUN/report/index.html``, ``results.json``, ``categories.csv`` (and ``toy.csv``,
+    ``quality.csv``); returns the page's path. ``fid_reference``, ``device``: see :func:`summarise`."""
     run_dir = Path(run_dir)
     report_dir = run_dir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     records = read_all(run_dir)
-    summary = summarise(run_dir, seed=seed, records=records)
+    summary = summarise(run_dir, seed=seed, records=records, fid_reference=fid_reference, device=device)
     (report_dir / "results.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     _write_csvs(report_dir, summary)
     protocol = summary["run"]["protocol"]
@@ -278,17 +557,7 @@ def build_report(run_dir: str | Path, *, seed: int = 0) -> Path:
         if toy_rows
         else ""
     )
-    quality_rows = "".join(
-        f"<tr><td>{html.escape(name)}</td><td>{data['quality'].get('clip_score', float('nan')):.2f}</td>"
-        f"<td>{data['quality'].get('domain', float('nan')):.3f}</td></tr>"
-        for name, data in summary["configs"].items()
-        if data["quality"]
-    )
-    if quality_rows:
-        toy += (
-            "<h2>Quality</h2><table><tr><th>configuration</th><th>CLIP score (100·cos, mean)</th>"
-            f"<th>domain score (cos to the reference centroid)</th></tr>{quality_rows}</table>"
-        )
+    toy += _quality_table(summary)
     configs = "".join(
         f"<li><b>{html.escape(name)}</b>: {html.escape(_describe(data['settings']))} — {data['prompts']} of "
         f"{data['expected_prompts']} prompts done, {data['blocked_prompts']} blocked by a hard block</li>"

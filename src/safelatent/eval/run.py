@@ -17,6 +17,16 @@ writing its own file; the report merges them.
 
 Every configuration runs under the ``evaluation`` policy: no output layer touches the images; hard
 blocks still apply, and a blocked prompt is stored as ``blocked`` (no images, excluded from the rates).
+
+FID (``settings.inception``): the FID Inception (:mod:`safelatent.eval.fid`, float32) is loaded once and
+the 2048-d pool3 features of each prompt's images are appended as raw little-endian float32 rows to
+``fid/<config>.f32`` (``fid/<config>@<i>-of-<n>.f32`` for a shard: never a file shared by two processes),
+written and fsynced BEFORE the prompt's records, each of which then says where its row is: ``"fid":
+{"file": "fid/<config>.f32", "row": k}``. A process killed between the two writes leaves rows that no
+record references (the report reads only referenced rows) and a resumed run appends after them; a row
+cut short by a kill is truncated away when the file is next opened. The network's fingerprint is pinned
+in ``run.json`` (``fid_network``) with the rest of the protocol; the report computes FID per configuration
+against ``fid_reference`` (:mod:`safelatent.eval.report`).
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import InvalidArgumentError
@@ -38,7 +49,7 @@ from ..safety.layers import get_classifier
 from ..safety.policy_file import PromptBlockedError
 from ..toy import world
 from ..toy.model import TOY_CFG_SCALE
-from .configs import EvalConfig, EvalSettings
+from .configs import FID_ROW_BYTES, UNPINNED, EvalConfig, EvalSettings
 from .prompts import EvalPrompt, PromptSet, load_prompt_set
 from .store import ResultStore, Shard, pending, read_all, shard_items, shard_store_path
 
@@ -86,10 +97,21 @@ def toy_targets(text: str) -> tuple[str | None, str | None, str | None]:
     return first[0], first[1], first[2]
 
 
-def _pin_run(out_dir: Path, settings: EvalSettings, prompt_set: PromptSet) -> None:
-    """Write ``run.json`` on the first call; on later calls refuse a changed protocol or configuration."""
+def _protocol_defaults() -> dict[str, Any]:
+    """Every protocol field's default, as JSON gives it back: what a ``run.json`` written before a field
+    existed ran with."""
+    values = {f.name: f.default for f in fields(EvalSettings) if f.default is not MISSING}
+    return json.loads(json.dumps(values))
+
+
+def _pin_run(
+    out_dir: Path, settings: EvalSettings, prompt_set: PromptSet, fid_network: str | None = None
+) -> None:
+    """Write ``run.json`` on the first call; on later calls refuse a changed protocol or configuration
+    (the :data:`~safelatent.eval.configs.UNPINNED` fields may change: a given value replaces the stored
+    one, an absent one keeps it)."""
     path = out_dir / "run.json"
-    current = {
+    current: dict[str, Any] = {
         "protocol": settings.protocol(),
         "prompt_set": {
             "name": prompt_set.name,
@@ -98,14 +120,32 @@ def _pin_run(out_dir: Path, settings: EvalSettings, prompt_set: PromptSet) -> No
         },
         "configs": {c.name: asdict(c) for c in settings.configs},
     }
+    if fid_network is not None:
+        current["fid_network"] = fid_network  # the FID Inception's weights fingerprint
     current = json.loads(json.dumps(current))  # tuples → lists, as they come back from the file
     if path.exists():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        defaults = _protocol_defaults()
+
+        def differs(key: str, value: Any) -> bool:
+            before = saved["protocol"].get(key, defaults.get(key))
+            if key == "inception":  # on/off here; the weights themselves by their fingerprint (below)
+                return (before is None) != (value is None)
+            return key not in UNPINNED and before != value
+
         changed = [
-            f"{k}: {saved['protocol'].get(k)!r} → {v!r}"
+            f"{k}: {saved['protocol'].get(k, defaults.get(k))!r} → {v!r}"
             for k, v in current["protocol"].items()
-            if saved["protocol"].get(k) != v
+            if differs(k, v)
         ]
+        if saved.get("fid_network") and current.get("fid_network") not in (None, saved["fid_network"]):
+            changed.append(
+                f"FID Inception weights: fingerprint {saved['fid_network']} → {current['fid_network']} "
+                f"({current['protocol']['inception']})"
+            )
+        for key in UNPINNED:
+            if current["protocol"].get(key) is None:
+                current["protocol"][key] = saved["protocol"].get(key)
         if saved.get("prompt_set") != current["prompt_set"]:
             changed.append(f"prompt set: {saved.get('prompt_set')} → {current['prompt_set']}")
         changed += [
@@ -188,6 +228,69 @@ def _guidance(settings: EvalSettings, config: EvalConfig, prompt: EvalPrompt) ->
     return prompt.guidance_scale or fallback
 
 
+class _FeatureFiles:
+    """FID feature rows of one process: ``fid/<config>.f32`` (``fid/<config>@<i>-of-<n>.f32`` for a
+    shard; ``@`` cannot occur in a configuration name), raw little-endian float32, 2048 values a row,
+    append-only. Open only inside the process's :class:`ResultStore` (whose lock makes it the files' one
+    writer)."""
+
+    def __init__(self, out_dir: Path, shard: Shard | None) -> None:
+        self.out_dir = out_dir
+        self.tag = "" if shard is None else f"@{shard.number}-of-{shard.count}"
+        self.fds: dict[str, int] = {}
+
+    def append(self, config: str, rows: np.ndarray) -> tuple[str, int]:
+        """Write ``rows`` ``[n, 2048]`` durably; returns the file (relative to the run folder) and the
+        index of the first row written."""
+        name = f"fid/{config}{self.tag}.f32"
+        fd = self.fds.get(name)
+        if fd is None:
+            (self.out_dir / "fid").mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out_dir / name, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+            self.fds[name] = fd
+            size = os.fstat(fd).st_size
+            if size % FID_ROW_BYTES:  # a row cut short by a kill: no record can reference it
+                os.ftruncate(fd, size - size % FID_ROW_BYTES)
+        start = os.fstat(fd).st_size
+        data = memoryview(np.ascontiguousarray(rows, dtype="<f4").tobytes())
+        try:
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, start)  # keep whole rows only, so that later row numbers stay right
+            raise
+        return name, start // FID_ROW_BYTES
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _load_inception(settings: EvalSettings, device: str | None):
+    """The FID Inception (float32) and a check of the reference, before anything is written: an ``.npz``
+    must load and match the network and preprocessing; a folder must hold images (its statistics are
+    computed by the report)."""
+    from . import fid
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    inception = fid.load_fid_inception(
+        settings.inception,  # type: ignore[arg-type]  # only called when set
+        device=device,
+        dtype=torch.float32,
+        preprocessing=settings.fid_preprocessing,  # type: ignore[arg-type]  # validated by EvalSettings
+    )
+    if settings.fid_reference:
+        reference = Path(settings.fid_reference)
+        if reference.suffix == ".npz":
+            fid.reference_stats(inception, reference)
+        else:
+            fid._image_paths(reference)  # the same check (and error) as the report's
+    return inception
+
+
 def _image_name(config: str, prompt_id: str, index: int) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in prompt_id)
     return f"images/{config}/{safe}-{index:02d}.png"
@@ -236,7 +339,8 @@ def run_eval(
         limit=settings.limit,
         prompt_column=settings.prompt_column,
     )
-    _pin_run(out_dir, settings, prompt_set)
+    inception = _load_inception(settings, device) if settings.inception else None
+    _pin_run(out_dir, settings, prompt_set, inception.fingerprint if inception else None)
     prompts: Sequence[EvalPrompt] = shard_items(list(prompt_set.prompts), shard)
     done = {(r["config"], r["prompt_id"], int(r["index"])) for r in read_all(out_dir)}
     n = settings.images_per_prompt
@@ -254,6 +358,7 @@ def run_eval(
     models = _Models(device)
     bar = progress_bar(rate_unit="img") if progress else None
     with ResultStore(shard_store_path(out_dir, shard)) as store:
+        feature_files = _FeatureFiles(out_dir, shard)
         task = bar.add_task("eval", total=len(todo) * n) if bar else None
         if bar:
             bar.start()
@@ -282,6 +387,10 @@ def run_eval(
                     continue
                 per_image = (time.perf_counter() - tick) / n
                 measured = quality.scores(images, prompt.text) if quality else [None] * len(images)
+                fid_rows: list[dict[str, Any] | None] = [None] * len(images)
+                if inception is not None:  # the rows first: a crash before the records orphans them
+                    file, first = feature_files.append(config.name, inception.features(images).numpy())
+                    fid_rows = [{"file": file, "row": first + k} for k in range(len(images))]
                 records = []
                 for index, (image, verdict) in enumerate(
                     zip(images, _classify(images, prompt, classifiers), strict=True)
@@ -295,6 +404,8 @@ def run_eval(
                     record.update(verdict)
                     if measured[index] is not None:
                         record["quality"] = measured[index]
+                    if fid_rows[index] is not None:
+                        record["fid"] = fid_rows[index]
                     if settings.save_images:
                         name = _image_name(config.name, prompt.id, index)
                         (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
@@ -308,6 +419,7 @@ def run_eval(
                 if bar:
                     bar.advance(task, n)
         finally:
+            feature_files.close()
             if bar:
                 bar.stop()
     summary.seconds = time.perf_counter() - started
