@@ -15,4 +15,4 @@ bash scripts/install.sh test
 "$VENV/bin/ruff" check src tests bench scripts
 "$VENV/bin/ruff" format --check src tests bench scripts
 # shellcheck disable=SC2086
-"$VENV/bin/python" -m pytest -q ${PYTEST_ARGS:-}
+"$VENV/bin/python" -m pytest -q --durations=15 ${PYTEST_ARGS:-}
