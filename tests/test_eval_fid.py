@@ -40,6 +40,7 @@ from safelatent.eval.fid import (
     read_inception_weights,
     reference_stats,
 )
+from tests.helpers.fid_weights import random_fid_state
 
 # --------------------------------------------------------------------------------------------------------
 # the Fréchet distance and the statistics
@@ -141,26 +142,12 @@ def test_statistics_refuse_mixed_preprocessing_few_rows_and_warn_when_rank_defic
 # --------------------------------------------------------------------------------------------------------
 
 
-def _random_state() -> dict[str, torch.Tensor]:
-    """Random weights in the published layout that keep activations O(1) through the 94 conv layers."""
-    generator = torch.Generator().manual_seed(0)
-    state = {}
-    for key, value in FIDInceptionNet().state_dict().items():
-        if key.endswith("conv.weight"):
-            state[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
-        elif key.endswith(("bn.weight", "running_var")):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.1
-    return state
-
-
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """The same random weights as .safetensors and as a published-style .pth (an OrderedDict that also
     holds each BatchNorm's ``num_batches_tracked``, as ``torch.save(torchvision_module.state_dict())``)."""
     folder = tmp_path_factory.mktemp("fid-weights")
-    state = _random_state()
+    state = random_fid_state()
     save_file(state, str(folder / "inception.safetensors"))
     published = OrderedDict()
     for key, value in state.items():

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -32,7 +31,6 @@ from safelatent.eval.fid import (
     FEATURE_DIM,
     PREPROCESSINGS,
     FeatureStats,
-    FIDInceptionNet,
     folder_stats,
     frechet_distance,
     load_fid_inception,
@@ -40,20 +38,7 @@ from safelatent.eval.fid import (
 from safelatent.eval.report import build_report
 from safelatent.eval.run import RunMismatchError, run_eval
 from safelatent.eval.store import ResultStore, parse_shard, read_all
-
-
-def _random_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights in the published layout that keep activations O(1) (as in test_eval_fid.py)."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, value in FIDInceptionNet().state_dict().items():
-        if key.endswith("conv.weight"):
-            state[key] = torch.randn(value.shape, generator=generator) * (2 / value[0].numel()) ** 0.5
-        elif key.endswith(("bn.weight", "running_var")):
-            state[key] = torch.rand(value.shape, generator=generator) + 0.5
-        else:
-            state[key] = torch.randn(value.shape, generator=generator) * 0.1
-    return state
+from tests.helpers.fid_weights import random_fid_state
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +47,7 @@ def fid_files(tmp_path_factory):
     (.npz) computed directly with :func:`folder_stats` (2 network images)."""
     root = tmp_path_factory.mktemp("fid-run")
     weights = root / "inception.safetensors"
-    save_file(_random_state(), str(weights))
+    save_file(random_fid_state(), str(weights))
     reference = root / "reference"
     reference.mkdir()
     pixels = np.random.default_rng(7).integers(0, 256, size=(2, 32, 32, 3), dtype=np.uint8)
@@ -218,7 +203,7 @@ def test_resume_after_a_crash_between_rows_and_records(fid_files, tmp_path, monk
     assert json.loads((out / "run.json").read_text())["protocol"]["inception"] == str(moved.resolve())
     # other weights would mix features of two networks: refused
     other = tmp_path / "other.safetensors"
-    save_file(_random_state(seed=1), str(other))
+    save_file(random_fid_state(seed=1), str(other))
     with pytest.raises(RunMismatchError, match="FID Inception weights: fingerprint"):
         run_eval(replace(settings, inception=str(other)), out, progress=False)
 

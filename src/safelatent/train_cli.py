@@ -43,6 +43,35 @@ def _opt(help: str, panel: str = _RUN, *names: str):
     return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
 
 
+# options both commands take
+_OutOption = Annotated[Path | None, _opt("Output folder (weights, checkpoints, logs).", _RUN, "--out", "-o")]
+_ModelOption = Annotated[
+    Path | None,
+    _opt("Base model: diffusers folder or checkpoint file (default: the toy model).", _RUN, "--model", "-m"),
+]
+_ModelConfigOption = Annotated[Path | None, _opt("Config folder for a single-file model of other widths.")]
+_RankOption = Annotated[int | None, _opt("LoRA rank r (default 4).", _LORA)]
+_StepsOption = Annotated[int | None, _opt("Optimizer steps (default 1000).", _OPT)]
+_LearningRateOption = Annotated[
+    float | None, _opt("Learning rate (default 1e-4).", _OPT, "--learning-rate", "--lr")
+]
+_LrSchedulerOption = Annotated[str | None, _opt("constant, constant_with_warmup, linear, cosine, …", _OPT)]
+_LrWarmupStepsOption = Annotated[int | None, _opt("Warm-up steps (default 0).", _OPT)]
+_MixedPrecisionOption = Annotated[str | None, _opt("no, bf16 or fp16 (CUDA); LoRA weights stay fp32.", _OPT)]
+_CheckpointStepsOption = Annotated[int | None, _opt("Checkpoint every N steps; 0 = never (default 500).")]
+_KeepCheckpointsOption = Annotated[int | None, _opt("Newest checkpoints to keep (default 3).")]
+_ResumeOption = Annotated[
+    bool | None, _opt("Continue from the latest checkpoint in --out.", _RUN, "--resume/--no-resume")
+]
+_ValidationPromptOption = Annotated[
+    list[str] | None, _opt("A validation prompt (repeatable).", _RUN, "--validation-prompt")
+]
+_ValidationStepsOption = Annotated[int | None, _opt("Validation images every N steps (0: at the end only).")]
+_DeviceOption = Annotated[str | None, _opt("auto, cpu or cuda.")]
+_ThreadsOption = Annotated[int | None, _opt("CPU threads.")]
+_ProgressOption = Annotated[bool | None, _opt("Progress bar.", _RUN, "--progress/--no-progress")]
+
+
 @train_app.command("lora")
 @user_errors
 def lora(
@@ -50,21 +79,12 @@ def lora(
         Path | None,
         typer.Argument(help="Folder of images with same-name .txt captions, or with a metadata.jsonl."),
     ] = None,
-    out: Annotated[
-        Path | None, _opt("Output folder (weights, checkpoints, logs).", _RUN, "--out", "-o")
-    ] = None,
-    model: Annotated[
-        Path | None,
-        _opt(
-            "Base model: diffusers folder or checkpoint file (default: the toy model).", _RUN, "--model", "-m"
-        ),
-    ] = None,
+    out: _OutOption = None,
+    model: _ModelOption = None,
     config: Annotated[
         Path | None, _opt("TOML file of settings (flags override it).", _RUN, "--config", "-c")
     ] = None,
-    model_config: Annotated[
-        Path | None, _opt("Config folder for a single-file model of other widths.")
-    ] = None,
+    model_config: _ModelConfigOption = None,
     name: Annotated[str | None, _opt("Name of the kohya export (default: the --out folder's name).")] = None,
     # data
     trigger: Annotated[str | None, _opt("Trigger word prepended to every caption.", _DATA)] = None,
@@ -89,7 +109,7 @@ def lora(
         bool | None, _opt("Encode captions once.", _DATA, "--cache-text/--no-cache-text")
     ] = None,
     # LoRA
-    rank: Annotated[int | None, _opt("LoRA rank r (default 4).", _LORA)] = None,
+    rank: _RankOption = None,
     alpha: Annotated[
         float | None, _opt("LoRA alpha; the update is scaled by alpha/rank (default: rank).", _LORA)
     ] = None,
@@ -104,22 +124,18 @@ def lora(
     ] = None,
     text_encoder_targets: Annotated[str | None, _opt("Comma-separated text-encoder modules.", _LORA)] = None,
     # optimisation
-    steps: Annotated[int | None, _opt("Optimizer steps (default 1000).", _OPT)] = None,
+    steps: _StepsOption = None,
     epochs: Annotated[int | None, _opt("Train this many epochs instead of --steps.", _OPT)] = None,
     batch_size: Annotated[int | None, _opt("Images per batch and process (default 1).", _OPT)] = None,
     gradient_accumulation: Annotated[
         int | None, _opt("Batches per optimizer step (default 1).", _OPT)
     ] = None,
-    learning_rate: Annotated[
-        float | None, _opt("Learning rate (default 1e-4).", _OPT, "--learning-rate", "--lr")
-    ] = None,
+    learning_rate: _LearningRateOption = None,
     text_encoder_lr: Annotated[
         float | None, _opt("Text-encoder learning rate (default: --lr).", _OPT)
     ] = None,
-    lr_scheduler: Annotated[
-        str | None, _opt("constant, constant_with_warmup, linear, cosine, …", _OPT)
-    ] = None,
-    lr_warmup_steps: Annotated[int | None, _opt("Warm-up steps (default 0).", _OPT)] = None,
+    lr_scheduler: _LrSchedulerOption = None,
+    lr_warmup_steps: _LrWarmupStepsOption = None,
     optimizer: Annotated[
         str | None, _opt("auto (8-bit AdamW with bitsandbytes on CUDA), adamw, adamw8bit.", _OPT)
     ] = None,
@@ -128,9 +144,7 @@ def lora(
     adam_epsilon: Annotated[float | None, _opt("AdamW ε (default 1e-8).", _OPT)] = None,
     weight_decay: Annotated[float | None, _opt("AdamW weight decay (default 0.01).", _OPT)] = None,
     max_grad_norm: Annotated[float | None, _opt("Gradient clipping norm; 0 = off (default 1).", _OPT)] = None,
-    mixed_precision: Annotated[
-        str | None, _opt("no, bf16 or fp16 (CUDA); LoRA weights stay fp32.", _OPT)
-    ] = None,
+    mixed_precision: _MixedPrecisionOption = None,
     gradient_checkpointing: Annotated[
         bool | None,
         _opt("Trade compute for memory.", _OPT, "--gradient-checkpointing/--no-gradient-checkpointing"),
@@ -143,19 +157,11 @@ def lora(
     noise_offset: Annotated[float | None, _opt("Noise offset (default 0; 0.05–0.1 typical).", _OBJ)] = None,
     # run
     seed: Annotated[int | None, _opt("Seed of initialisation, data order and noise (default 0).")] = None,
-    checkpoint_steps: Annotated[
-        int | None, _opt("Checkpoint every N steps; 0 = never (default 500).")
-    ] = None,
-    keep_checkpoints: Annotated[int | None, _opt("Newest checkpoints to keep (default 3).")] = None,
-    resume: Annotated[
-        bool | None, _opt("Continue from the latest checkpoint in --out.", _RUN, "--resume/--no-resume")
-    ] = None,
-    validation_prompt: Annotated[
-        list[str] | None, _opt("A validation prompt (repeatable).", _RUN, "--validation-prompt")
-    ] = None,
-    validation_steps: Annotated[
-        int | None, _opt("Validation images every N steps (0: at the end only).")
-    ] = None,
+    checkpoint_steps: _CheckpointStepsOption = None,
+    keep_checkpoints: _KeepCheckpointsOption = None,
+    resume: _ResumeOption = None,
+    validation_prompt: _ValidationPromptOption = None,
+    validation_steps: _ValidationStepsOption = None,
     validation_images: Annotated[int | None, _opt("Images per validation prompt (default 2).")] = None,
     validation_cfg: Annotated[float | None, _opt("CFG scale of validation images (default 7.5).")] = None,
     validation_inference_steps: Annotated[
@@ -164,9 +170,9 @@ def lora(
     export_kohya: Annotated[
         bool | None, _opt("Also write <name>_kohya.safetensors.", _RUN, "--export-kohya/--no-export-kohya")
     ] = None,
-    device: Annotated[str | None, _opt("auto, cpu or cuda.")] = None,
-    threads: Annotated[int | None, _opt("CPU threads.")] = None,
-    progress: Annotated[bool | None, _opt("Progress bar.", _RUN, "--progress/--no-progress")] = None,
+    device: _DeviceOption = None,
+    threads: _ThreadsOption = None,
+    progress: _ProgressOption = None,
 ) -> None:
     """Train a LoRA theme adapter: writes OUT/pytorch_lora_weights.safetensors (diffusers format)."""
     flags = dict(locals())
@@ -208,26 +214,18 @@ def erase(
     concept: Annotated[
         str | None, _opt('The concept to erase, as a prompt (e.g. "blood splatter").', _ERASE)
     ] = None,
-    out: Annotated[
-        Path | None, _opt("Output folder (weights, checkpoints, logs).", _RUN, "--out", "-o")
-    ] = None,
-    model: Annotated[
-        Path | None,
-        _opt(
-            "Base model: diffusers folder or checkpoint file (default: the toy model).", _RUN, "--model", "-m"
-        ),
-    ] = None,
+    out: _OutOption = None,
+    model: _ModelOption = None,
     config: Annotated[
         Path | None,
         _opt(
             "TOML file of settings (flags override it; [erase] table or top level).", _RUN, "--config", "-c"
         ),
     ] = None,
-    model_config: Annotated[
-        Path | None, _opt("Config folder for a single-file model of other widths.")
-    ] = None,
+    model_config: _ModelConfigOption = None,
     variant: Annotated[
-        str | None, _opt("x: cross-attention only (ESD-x, default); u: everything else (ESD-u).", _ERASE)
+        str | None,
+        _opt("x: cross-attention (ESD-x, default); kv: its keys/values only; u: all else (ESD-u).", _ERASE),
     ] = None,
     eta: Annotated[float | None, _opt("η, negative guidance of the target (default 1).", _ERASE)] = None,
     preserve: Annotated[
@@ -243,41 +241,27 @@ def erase(
     sample_steps: Annotated[int | None, _opt("DDIM steps of each trajectory (default 50).", _ERASE)] = None,
     sample_cfg: Annotated[float | None, _opt("CFG scale of the trajectories (default 3).", _ERASE)] = None,
     resolution: Annotated[int | None, _opt("Sampling size in pixels (default: the model's).", _ERASE)] = None,
-    rank: Annotated[int | None, _opt("LoRA rank r (default 4).", _LORA)] = None,
+    rank: _RankOption = None,
     alpha: Annotated[float | None, _opt("LoRA alpha (default: rank).", _LORA)] = None,
-    steps: Annotated[int | None, _opt("Optimizer steps (default 1000).", _OPT)] = None,
+    steps: _StepsOption = None,
     batch_size: Annotated[int | None, _opt("Pool examples per batch and process (default 1).", _OPT)] = None,
-    learning_rate: Annotated[
-        float | None, _opt("Learning rate (default 1e-4).", _OPT, "--learning-rate", "--lr")
-    ] = None,
-    lr_scheduler: Annotated[
-        str | None, _opt("constant, constant_with_warmup, linear, cosine, …", _OPT)
-    ] = None,
-    lr_warmup_steps: Annotated[int | None, _opt("Warm-up steps (default 0).", _OPT)] = None,
-    mixed_precision: Annotated[
-        str | None, _opt("no, bf16 or fp16 (CUDA); LoRA weights stay fp32.", _OPT)
-    ] = None,
+    learning_rate: _LearningRateOption = None,
+    lr_scheduler: _LrSchedulerOption = None,
+    lr_warmup_steps: _LrWarmupStepsOption = None,
+    mixed_precision: _MixedPrecisionOption = None,
     gradient_checkpointing: Annotated[
         bool | None,
         _opt("Trade compute for memory.", _OPT, "--gradient-checkpointing/--no-gradient-checkpointing"),
     ] = None,
     seed: Annotated[int | None, _opt("Seed of initialisation, trajectories and draws (default 0).")] = None,
-    checkpoint_steps: Annotated[
-        int | None, _opt("Checkpoint every N steps; 0 = never (default 500).")
-    ] = None,
-    keep_checkpoints: Annotated[int | None, _opt("Newest checkpoints to keep (default 3).")] = None,
-    resume: Annotated[
-        bool | None, _opt("Continue from the latest checkpoint in --out.", _RUN, "--resume/--no-resume")
-    ] = None,
-    validation_prompt: Annotated[
-        list[str] | None, _opt("A validation prompt (repeatable).", _RUN, "--validation-prompt")
-    ] = None,
-    validation_steps: Annotated[
-        int | None, _opt("Validation images every N steps (0: at the end only).")
-    ] = None,
-    device: Annotated[str | None, _opt("auto, cpu or cuda.")] = None,
-    threads: Annotated[int | None, _opt("CPU threads.")] = None,
-    progress: Annotated[bool | None, _opt("Progress bar.", _RUN, "--progress/--no-progress")] = None,
+    checkpoint_steps: _CheckpointStepsOption = None,
+    keep_checkpoints: _KeepCheckpointsOption = None,
+    resume: _ResumeOption = None,
+    validation_prompt: _ValidationPromptOption = None,
+    validation_steps: _ValidationStepsOption = None,
+    device: _DeviceOption = None,
+    threads: _ThreadsOption = None,
+    progress: _ProgressOption = None,
 ) -> None:
     """Train an erasure adapter (ESD objective as a LoRA, no image data): writes
     OUT/pytorch_lora_weights.safetensors, loaded with --lora like any adapter."""

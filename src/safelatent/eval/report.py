@@ -311,7 +311,14 @@ def _adapter_label(spec: str) -> str:
 
     try:
         parsed = LoraSpec.parse(spec)
-        label = f"{Path(parsed.path).name}:{parsed.weight:g}"
+        path = Path(parsed.path)
+        # diffusers' default file name says nothing: name the training run's folder as well
+        shown = (
+            f"{path.parent.name}/{path.name}"
+            if path.name == "pytorch_lora_weights.safetensors"
+            else path.name
+        )
+        label = f"{shown}:{parsed.weight:g}"
         erasure = read_lora(parsed.path).info.get("erasure")
     except (SafelatentError, OSError, ValueError):  # moved or unreadable since the run: the name alone
         return Path(spec).name
