@@ -145,18 +145,24 @@ def test_report_with_another_reference(fid_run, fid_files, tmp_path):
     assert refused.exit_code == 2 and "different preprocessings" in refused.output
 
 
-def test_resume_after_a_crash_between_rows_and_records(fid_files, tmp_path, monkeypatch):
-    """Killed after the features of prompt 1 were written but before its record: the orphan row is never
-    referenced, a row cut short is truncated away, the resumed run appends after them (4 images)."""
-    settings = EvalSettings(
+def _one_image_per_prompt(fid_files, *, limit: int, **extra) -> EvalSettings:
+    """Toy plain prompts, one 4-step image each, FID features on."""
+    return EvalSettings(
         prompts="toy-plain",
-        limit=3,
+        limit=limit,
         images_per_prompt=1,
         batch=1,
         steps=4,
         classifiers=("toy",),
         inception=str(fid_files["weights"]),
+        **extra,
     )
+
+
+def test_resume_after_a_crash_between_rows_and_records(fid_files, tmp_path, monkeypatch):
+    """Killed after the features of prompt 1 were written but before its record: the orphan row is never
+    referenced, a row cut short is truncated away, the resumed run appends after them (4 images)."""
+    settings = _one_image_per_prompt(fid_files, limit=3)
     out = tmp_path / "run"
     real_append = ResultStore.append
     calls = []
@@ -209,16 +215,7 @@ def test_resume_after_a_crash_between_rows_and_records(fid_files, tmp_path, monk
 
 
 def test_shards_write_their_own_feature_files_and_the_report_merges_them(fid_files, tmp_path):
-    settings = EvalSettings(
-        prompts="toy-plain",
-        limit=2,
-        images_per_prompt=1,
-        batch=1,
-        steps=4,
-        classifiers=("toy",),
-        inception=str(fid_files["weights"]),
-        fid_reference=str(fid_files["npz"]),
-    )
+    settings = _one_image_per_prompt(fid_files, limit=2, fid_reference=str(fid_files["npz"]))
     for number in (1, 2):
         run_eval(settings, tmp_path, shard=parse_shard(f"{number}/2"), progress=False)
     files = sorted(p.name for p in (tmp_path / "fid").glob("*.f32"))

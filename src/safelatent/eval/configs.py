@@ -57,6 +57,7 @@ from ..sampling.sld_presets import SLD_CHOICES
 from ..toml_fields import TomlReader
 
 __all__ = [
+    "FID_FEATURE_DIM",
     "FID_PREPROCESSINGS",
     "FID_ROW_BYTES",
     "EvalConfig",
@@ -67,10 +68,13 @@ __all__ = [
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
-#: :data:`safelatent.eval.fid.PREPROCESSINGS`, repeated here so that reading settings does not import torch
+#: how images are prepared for the FID Inception (defined here, not in :mod:`safelatent.eval.fid`, so that
+#: reading settings does not import torch; ``fid.PREPROCESSINGS`` is this tuple)
 FID_PREPROCESSINGS = ("torchmetrics", "torch-fidelity", "pytorch-fid")
-#: one stored FID feature row (``fid/*.f32``): 2048 little-endian float32 values
-FID_ROW_BYTES = 2048 * 4
+#: the FID Inception's pool3 feature width (``fid.FEATURE_DIM``)
+FID_FEATURE_DIM = 2048
+#: one stored FID feature row (``fid/*.f32``): FID_FEATURE_DIM little-endian float32 values
+FID_ROW_BYTES = FID_FEATURE_DIM * 4
 #: protocol fields that may change between a run and its resumption: the FID reference is only read by
 #: the report (the stored features do not depend on it)
 UNPINNED = ("fid_reference",)

@@ -79,6 +79,7 @@ from ..errors import (
     SafelatentError,
     UnsafeCheckpointError,
 )
+from .configs import FID_FEATURE_DIM, FID_PREPROCESSINGS
 from .quality import _IMAGE_SUFFIXES
 
 __all__ = [
@@ -98,12 +99,12 @@ __all__ = [
 ]
 
 #: pool3 feature width
-FEATURE_DIM = 2048
+FEATURE_DIM = FID_FEATURE_DIM
 #: the network's input side
 INPUT_SIZE = 299
 #: shipped in ``safelatent/eval/data``: key → shape of the published state dict, and the counts
 MANIFEST_NAME = "fid_inception_manifest.json"
-PREPROCESSINGS = ("torchmetrics", "torch-fidelity", "pytorch-fid")
+PREPROCESSINGS = FID_PREPROCESSINGS
 Preprocessing = Literal["torchmetrics", "torch-fidelity", "pytorch-fid"]
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _IGNORED_SUFFIX = ".num_batches_tracked"

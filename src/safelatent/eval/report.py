@@ -307,7 +307,7 @@ def _describe(config: dict[str, Any]) -> str:
 def _adapter_label(spec: str) -> str:
     """``name:weight``, plus what an erasure adapter erases (from its metadata) when the file is readable."""
     from ..errors import SafelatentError
-    from ..models.adapters import LoraSpec, read_lora
+    from ..models.adapters import LoraSpec, read_lora_info
 
     try:
         parsed = LoraSpec.parse(spec)
@@ -319,7 +319,7 @@ def _adapter_label(spec: str) -> str:
             else path.name
         )
         label = f"{shown}:{parsed.weight:g}"
-        erasure = read_lora(parsed.path).info.get("erasure")
+        erasure = read_lora_info(parsed.path).get("erasure")  # the header only
     except (SafelatentError, OSError, ValueError):  # moved or unreadable since the run: the name alone
         return Path(spec).name
     if erasure:

@@ -18,6 +18,7 @@ from .formats import (
     SAFELATENT_METADATA_KEY,
     LoraFile,
     read_lora,
+    read_lora_info,
     save_lora,
 )
 from .identity import lora_hash, lora_sha256
@@ -38,5 +39,6 @@ __all__ = [
     "lora_sha256",
     "plan_injection",
     "read_lora",
+    "read_lora_info",
     "save_lora",
 ]

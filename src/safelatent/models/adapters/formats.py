@@ -203,6 +203,29 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     )
 
 
+def read_lora_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``safelatent`` header entry of a LoRA file (trigger words, training settings, an erasure's
+    concept …; ``{}`` when it has none) — the header alone, no tensor is read."""
+    resolved = _resolve(path)
+    if resolved.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return {}  # weights-only pickles carry no header
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(resolved), framework="pt", device="cpu") as handle:
+            header = dict(handle.metadata() or {})
+    except Exception as error:  # SafetensorError, OSError, ValueError
+        raise _unreadable_safetensors(resolved, error) from None
+    return _safelatent_info(header, resolved.name)
+
+
+def _unreadable_safetensors(path: Path, error: Exception) -> ModelFormatError:
+    return ModelFormatError(
+        f"LoRA {path.name} is not a readable .safetensors file ({first_line(error)})",
+        "the file may be truncated (an incomplete download) or not a safetensors file; get it again",
+    )
+
+
 def _resolve(path: str | os.PathLike) -> Path:
     resolved = Path(os.fspath(path)).expanduser()
     if resolved.is_dir() and (resolved / DIFFUSERS_WEIGHT_NAME).is_file():
@@ -231,10 +254,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                 header = dict(handle.metadata() or {})
                 tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
         except Exception as error:  # SafetensorError, OSError, ValueError
-            raise ModelFormatError(
-                f"LoRA {path.name} is not a readable .safetensors file ({first_line(error)})",
-                "the file may be truncated (an incomplete download) or not a safetensors file; get it again",
-            ) from None
+            raise _unreadable_safetensors(path, error) from None
         header.pop("format", None)
         return tensors, header
     if suffix in PICKLE_SUFFIXES:
