@@ -25,9 +25,23 @@ from . import __version__
 from .errors import InvalidArgumentError
 from .models.adapters import ActiveLora, LoraSpec, LoraStack
 from .models.components import StableDiffusionComponents
-from .safety.gate import Policy, apply_suppression, raise_if_blocked, resolve_policy, screen_prompts
+from .safety.gate import (
+    Policy,
+    apply_suppression,
+    raise_if_blocked,
+    refuse_relaxed_overrides,
+    refuse_weaker_sld,
+    resolve_policy,
+    screen_prompts,
+    strongest_preset,
+)
 from .safety.layers import ImageSafety, SecurityLayers, new_request_id
-from .safety.policy_file import HardBlockRelaxationError, PromptBlockedError, ProvenancePolicy
+from .safety.policy_file import (
+    HardBlockRelaxationError,
+    PromptBlockedError,
+    ProvenancePolicy,
+    SafetyRelaxationError,
+)
 from .safety.prompt_policy import TextEncoderSimilarity
 from .sampling.conditioning import build_conditioning
 from .sampling.fast import CompiledUNet, FastPathConfig, resolve_compile
@@ -323,6 +337,9 @@ class Pipeline:
         policy: Policy | str | os.PathLike | None = None,
         policy_overrides: dict[str, str] | None = None,
         request_id: str | None = None,
+        only_stricter: bool = False,
+        default_sld: str | None = None,
+        audit_context: dict[str, Any] | None = None,
     ) -> GenerationResult:
         """Generate ``len(prompts) × num_images_per_prompt`` images.
 
@@ -345,7 +362,15 @@ class Pipeline:
         After decoding, the policy's output layers run (:mod:`safelatent.safety.layers`): classifiers and
         their actions (``result.images[i]`` is ``None`` when withheld, blurred when blurred; reasons in
         ``result.safety``), the invisible watermark, and one audit-log row per request — blocked requests
-        included (``result.audit_row``; ``request_id`` names the row, default a random id).
+        included (``result.audit_row``; ``request_id`` names the row, default a random id); a call that
+        fails after the prompt check is logged with outcome ``error``. ``audit_context`` adds fields to
+        the row's settings (the service: which API key asked).
+
+        ``only_stricter`` (the service's requests): the call may add safety but never remove any — an
+        override below the policy's action, or an SLD preset weaker than a suppressed category needs
+        (``"off"`` included), raises :class:`~safelatent.safety.policy_file.SafetyRelaxationError`
+        (logged as a refusal) instead of being applied. ``default_sld``: the preset used when ``sld`` is
+        ``None`` (the service's default), raised to what a suppressed category needs.
         """
         started = time.perf_counter()
         c = self.components
@@ -380,8 +405,70 @@ class Pipeline:
                 "sld": sld,
                 "seed": seed,
                 "policy_overrides": policy_overrides,
+                **(audit_context or {}),
             },
+            only_stricter=only_stricter,
         )
+        if sld is None and default_sld is not None:
+            sld = strongest_preset(default_sld, apply_suppression(decisions, None, None)[0])
+        audit = _AuditTrail(layers, request_id, prompts, decisions, c.model_hash, audit_context)
+        try:
+            return self._generate_screened(
+                audit,
+                active_policy,
+                started,
+                prompts,
+                negatives,
+                decisions,
+                num_images_per_prompt=num_images_per_prompt,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                scheduler=scheduler,
+                sld=sld,
+                safety_concept=safety_concept,
+                seed=seed,
+                generator=generator,
+                width=width,
+                height=height,
+                eta=eta,
+                latents=latents,
+                callback=callback,
+                progress=progress,
+                return_pixels=return_pixels,
+            )
+        except Exception as error:
+            if not audit.recorded:
+                audit.record_error(error, [lora.as_dict() for lora in self.loras])
+            raise
+
+    def _generate_screened(
+        self,
+        audit: _AuditTrail,
+        active_policy: Policy,
+        started: float,
+        prompts: list[str],
+        negatives: list[str] | None,
+        decisions: list,
+        *,
+        num_images_per_prompt: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        scheduler: str | None,
+        sld: str | SLDConfig | None,
+        safety_concept: str | None,
+        seed: int | None,
+        generator: torch.Generator | None,
+        width: int | None,
+        height: int | None,
+        eta: float,
+        latents: torch.Tensor | None,
+        callback: StepCallback | None,
+        progress: bool,
+        return_pixels: bool,
+    ) -> GenerationResult:
+        """:meth:`generate` after the prompt check: sample, decode, output layers, audit row."""
+        c = self.components
+        layers, request_id = audit.layers, audit.request_id
         sld, safety_concept = apply_suppression(decisions, sld, safety_concept)
         width = self.default_size if width is None else width
         height = self.default_size if height is None else height
@@ -465,12 +552,8 @@ class Pipeline:
                 "decisions": [decision.as_dict() for decision in decisions],
             },
         )
-        audit_row = layers.record(
-            request_id=request_id,
-            prompts=prompts,
-            decisions=decisions,
-            settings=settings.as_dict(),
-            model_hash=c.model_hash,
+        audit_row = audit.record(
+            settings={**settings.as_dict(), **(audit.context or {})},
             adapters=settings.loras,
             sld=settings.sld,
             safety=outputs.safety,
@@ -502,17 +585,23 @@ class Pipeline:
         *,
         request_id: str,
         requested: dict[str, Any],
+        only_stricter: bool = False,
     ) -> list:
         """Layer 1: the policy's decision per prompt. A refused request (a blocked prompt, an override
-        that tries to relax a hard block) is written to the audit log, then raised."""
+        that tries to relax a hard block, or — ``only_stricter`` — any safety it asks to give up) is
+        written to the audit log, then raised."""
         c = self.components
         policy = layers.policy
         similarity = TextEncoderSimilarity(c.tokenizer, c.text_encoder) if policy.similarity_enabled else None
         decisions = None
         try:
+            if only_stricter:
+                refuse_relaxed_overrides(policy, overrides)
             decisions = screen_prompts(prompts, policy, overrides, similarity)
             raise_if_blocked(decisions)
-        except (PromptBlockedError, HardBlockRelaxationError) as error:
+            if only_stricter:
+                refuse_weaker_sld(decisions, requested.get("sld"))
+        except (PromptBlockedError, HardBlockRelaxationError, SafetyRelaxationError) as error:
             layers.record(
                 request_id=request_id,
                 prompts=prompts,
@@ -524,6 +613,40 @@ class Pipeline:
             )
             raise
         return decisions
+
+
+@dataclass
+class _AuditTrail:
+    """The audit row of one screened :meth:`Pipeline.generate` call: written once, on success or error."""
+
+    layers: SecurityLayers
+    request_id: str
+    prompts: list[str]
+    decisions: list
+    model_hash: str
+    context: dict[str, Any] | None
+    recorded: bool = False
+
+    def record(self, **fields: Any) -> int | None:
+        self.recorded = True
+        return self.layers.record(
+            request_id=self.request_id,
+            prompts=self.prompts,
+            decisions=self.decisions,
+            model_hash=self.model_hash,
+            **fields,
+        )
+
+    def record_error(self, error: Exception, adapters: list[dict[str, Any]]) -> None:
+        """Log the failed call (outcome ``error``); a failure of the log itself must not hide ``error``."""
+        try:
+            self.record(
+                settings=dict(self.context or {}),
+                adapters=adapters,
+                error=f"{type(error).__name__}: {error}"[:500],
+            )
+        except Exception as log_error:
+            error.add_note(f"the audit log could not record this error either: {log_error}")
 
 
 def to_uint8(pixels: torch.Tensor) -> np.ndarray:

@@ -134,14 +134,41 @@ def _sign(data: bytes, result: GenerationResult, index: int, keys_dir: Path, tit
     return sign_bytes(data, record, keys_dir=keys_dir, title=title)
 
 
+def _plan_signing(result: GenerationResult) -> Path | None:
+    """The keys folder to sign with (``None``: no C2PA); sets ``result.c2pa_status``."""
+    keys_dir, c2pa_status = _c2pa_plan(result)
+    result.c2pa_status = f"signed with the keys in {keys_dir}" if keys_dir is not None else c2pa_status
+    return keys_dir
+
+
+def _png_bytes(result: GenerationResult, index: int, image, keys_dir: Path | None, name: str) -> bytes:
+    """Image ``index`` as a PNG with its A1111 ``parameters`` text, C2PA-signed when ``keys_dir`` is set."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters_text(result, index))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    data = buffer.getvalue()
+    return _sign(data, result, index, keys_dir, name) if keys_dir is not None else data
+
+
+def encode_result(result: GenerationResult, name_prefix: str) -> list[bytes | None]:
+    """Each image of ``result`` as the PNG bytes :func:`save_result` would write (``None`` where
+    withheld; manifest titles ``<name_prefix>-<index>.png``), without touching the disk; sets
+    ``result.c2pa_status``. The service hands these out."""
+    keys_dir = _plan_signing(result)
+    return [
+        None if image is None else _png_bytes(result, index, image, keys_dir, f"{name_prefix}-{index}.png")
+        for index, image in enumerate(result.images)
+    ]
+
+
 def save_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
     """Save every image of ``result`` as ``NNNNN-<seed>.png`` + ``NNNNN-<seed>.json`` (a withheld image:
     only ``NNNNN-<seed>.withheld.json``), never overwriting. Returns the PNG paths, in order."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidArgumentError(f"output path {out_dir} is a file", "pass a folder to --out")
-    keys_dir, c2pa_status = _c2pa_plan(result)
-    result.c2pa_status = f"signed with the keys in {keys_dir}" if keys_dir is not None else c2pa_status
+    keys_dir = _plan_signing(result)
     out_dir.mkdir(parents=True, exist_ok=True)
     first = _next_number(out_dir)
     seed = result.settings.seed if result.settings.seed is not None else "gen"
@@ -166,15 +193,8 @@ def save_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
                 json.dumps(sidecar, indent=2, ensure_ascii=False) + "\n"
             )
             continue
-        info = PngImagePlugin.PngInfo()
-        info.add_text("parameters", parameters_text(result, index))
         png = out_dir / f"{stem}.png"
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG", pnginfo=info)
-        data = buffer.getvalue()
-        if keys_dir is not None:
-            data = _sign(data, result, index, keys_dir, png.name)
-        png.write_bytes(data)
+        png.write_bytes(_png_bytes(result, index, image, keys_dir, png.name))
         sidecar["image"] = png.name
         sidecar["provenance"] = {
             "watermark": item.as_dict()["watermark"] if item else None,

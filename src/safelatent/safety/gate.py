@@ -15,13 +15,24 @@ from collections.abc import Sequence
 
 from ..errors import InvalidArgumentError
 from ..sampling.sld_presets import SLDConfig
-from .policy_file import Policy, load_policy
+from .policy_file import ACTIONS, HARD_CATEGORIES, Policy, SafetyRelaxationError, load_policy
 from .prompt_policy import PolicyDecision, TextEncoderSimilarity, check_prompt
 
-__all__ = ["Policy", "apply_suppression", "raise_if_blocked", "resolve_policy", "screen_prompts"]
+__all__ = [
+    "SLD_STRENGTH",
+    "Policy",
+    "apply_suppression",
+    "raise_if_blocked",
+    "refuse_relaxed_overrides",
+    "refuse_weaker_sld",
+    "resolve_policy",
+    "screen_prompts",
+    "strongest_preset",
+]
 
-#: SLD presets from weakest to strongest (a suppressed category names one)
-_SLD_STRENGTH = ("weak-diffusers", "weak", "medium", "strong", "max")
+#: SLD presets from weakest to strongest ("off" first; a suppressed category names one of the others)
+SLD_STRENGTH = ("off", "weak-diffusers", "weak", "medium", "strong", "max")
+_SLD_STRENGTH = SLD_STRENGTH[1:]
 
 
 def resolve_policy(policy: Policy | str | os.PathLike | None) -> Policy:
@@ -47,6 +58,49 @@ def screen_prompts(
             "policy overrides must be a mapping of category to action", 'e.g. {"violence": "block"}'
         )
     return [check_prompt(prompt, policy, overrides=overrides, similarity=similarity) for prompt in prompts]
+
+
+def refuse_relaxed_overrides(policy: Policy, overrides: dict[str, str] | None) -> None:
+    """For requests that may only add safety: raise :class:`SafetyRelaxationError` for an override that
+    sets a category below the policy's action (hard categories: anything but ``block``)."""
+    for category, action in (overrides or {}).items():
+        current = "block" if category in HARD_CATEGORIES else policy.categories.get(category)
+        current = getattr(current, "action", current)
+        if current is None or action not in ACTIONS:
+            continue  # unknown names: Policy.with_overrides says what is wrong
+        if ACTIONS.index(action) < ACTIONS.index(current):
+            raise SafetyRelaxationError(
+                f"request refused: it asks for {category!r} to be {action!r}, but policy {policy.name!r}"
+                f" {'hard-blocks' if category in HARD_CATEGORIES else 'sets it to ' + repr(current)}; a"
+                " request may ask for more safety, never less",
+                f"remove the override, or ask for a stricter action than {current!r}",
+            )
+
+
+def strongest_preset(*names: str | None) -> str | None:
+    """The strongest of some SLD preset names (``None``s ignored; ``"off"`` is the weakest)."""
+    known = [name for name in names if name is not None]
+    return max(known, key=SLD_STRENGTH.index) if known else None
+
+
+def refuse_weaker_sld(decisions: Sequence[PolicyDecision], sld: str | SLDConfig | None) -> None:
+    """For requests that may only add safety: raise :class:`SafetyRelaxationError` when a prompt hits a
+    *suppress* category and the request names an SLD preset (``off`` included) weaker than the one
+    that category asks for. (``None`` is fine: :func:`apply_suppression` then picks the preset.)"""
+    if not isinstance(sld, str):
+        return  # None, or an SLDConfig a library caller built (not a request's)
+    asked = sld.strip().lower()
+    for decision in decisions:
+        if decision.action != "suppress":
+            continue
+        needed = decision.sld_preset or "medium"
+        if asked in SLD_STRENGTH and SLD_STRENGTH.index(asked) < SLD_STRENGTH.index(needed):
+            categories = ", ".join(c for c, a in decision.actions.items() if a == "suppress")
+            raise SafetyRelaxationError(
+                f"request refused: the prompt is suppressed by the policy ({categories}), which needs SLD"
+                f" {needed!r} or stronger, but the request asks for SLD {asked!r}",
+                f"ask for SLD {needed!r} or stronger, or leave SLD unset",
+            )
 
 
 def raise_if_blocked(decisions: Sequence[PolicyDecision]) -> None:

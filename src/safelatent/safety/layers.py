@@ -205,11 +205,13 @@ class SecurityLayers:
         sld: Mapping[str, Any] | None = None,
         safety: Sequence[ImageSafety] = (),
         refusal: str | None = None,
+        error: str | None = None,
     ) -> int | None:
         """Append the request to the audit log (unless the policy turns the log off); returns the row id.
 
         ``refusal``: the message of a request refused before any compute (a blocked prompt, an attempt
-        to relax a hard block); the row's outcome is then ``blocked``.
+        to relax a hard block); the row's outcome is then ``blocked``. ``error``: what made an accepted
+        request fail (outcome ``error``).
         """
         audit = self.policy.audit
         if not audit.enabled:
@@ -252,6 +254,13 @@ class SecurityLayers:
             else None,
             provenance={"watermark": [asdict(s.watermark) for s in safety]} if safety else None,
             images=images,
-            outcome="blocked" if refusal is not None else derive_outcome(False, images),
+            outcome=(
+                "blocked"
+                if refusal is not None
+                else "error"
+                if error is not None
+                else derive_outcome(False, images)
+            ),
+            reasons=[error] if error is not None else None,
         )
         return _audit_log(audit.path).record(entry)

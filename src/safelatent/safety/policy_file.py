@@ -103,6 +103,11 @@ class HardBlockRelaxationError(InvalidArgumentError):
     or violent depictions of real, named people). Hard blocks cannot be relaxed."""
 
 
+class SafetyRelaxationError(InvalidArgumentError):
+    """A request that may only add safety (the service's requests) asked for less than the policy
+    gives: a category action below the policy's, or SLD weaker than a suppressed category needs."""
+
+
 class PromptBlockedError(InvalidArgumentError):
     """The prompt policy blocked a prompt; the message says which category and which words."""
 
