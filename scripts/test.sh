@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 
 bash scripts/install.sh test
+# The web page's browser test drives Debian's Chromium (Playwright never downloads a browser here).
+if ! command -v chromium >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium >/dev/null
+fi
 # open_clip's own tokenizer is the oracle of the tokenizer parity test. --no-deps: its torchvision
 # dependency would replace the CPU torch build (and does not import beside it); the test loads only
 # open_clip/tokenizer.py, which needs ftfy and regex (already safelatent dependencies).

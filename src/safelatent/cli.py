@@ -23,6 +23,7 @@ from .eval_cli import register as register_eval
 from .provenance_cli import register as register_provenance
 from .sampling.schedulers import SCHEDULERS
 from .sampling.sld_presets import SLD_CHOICES
+from .serve_cli import register as register_serve
 from .train_cli import train_app
 
 app = typer.Typer(
@@ -298,6 +299,7 @@ app.add_typer(train_app, name="train")
 register_provenance(app)
 register_audit(app)
 register_eval(app)
+register_serve(app)
 
 
 @toy_app.command("train")

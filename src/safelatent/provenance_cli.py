@@ -24,7 +24,7 @@ provenance_app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 keys_app = typer.Typer(
-    help="Local signing keys for C2PA content credentials (a private root CA and a signer).",
+    help="Keys: C2PA signing keys (init) and the service's API keys (add, list, revoke).",
     no_args_is_help=True,
 )
 provenance_app.add_typer(keys_app, name="keys")
