@@ -9,7 +9,7 @@ from bench.serve_load import run
 
 
 def test_200_concurrent_clients_get_exactly_once_or_429():
-    report = run(clients=200, waves=2, retries=1, steps=2, concurrency=2, queue=16)
+    report = run(clients=200, waves=2, retries=0, steps=2, concurrency=2, queue=16)
     for wave in report["waves"]:
         assert set(wave["statuses"]) <= {200, 429}, wave
         assert wave["accepted"] >= 16 and wave["rejected_429"] > 0, wave  # the queue bound was reached

@@ -18,6 +18,7 @@ would drift in fp16).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -68,6 +69,22 @@ def _tuner_layers(model: nn.Module):
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def _transformers_warnings_off():
+    """transformers ≥ 5 logs a "LOAD REPORT" table calling the keys of the *other* adapters already in the
+    text encoder "MISSING" whenever one more is loaded, though every adapter loads whole (stacked outputs
+    equal peft's own adapters in tests/test_adapters_stack.py). The file was validated before injection
+    (:mod:`.validate`), so the table is noise: transformers' warnings are off for this one call."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 class LoraStack:
@@ -166,11 +183,12 @@ class LoraStack:
                         metadata=dict(part.config),
                     )
                 else:
-                    model.load_adapter(
-                        adapter_name=adapter_name,
-                        peft_config=LoraConfig(**part.config),
-                        adapter_state_dict=dict(part.state_dict),
-                    )
+                    with _transformers_warnings_off():
+                        model.load_adapter(
+                            adapter_name=adapter_name,
+                            peft_config=LoraConfig(**part.config),
+                            adapter_state_dict=dict(part.state_dict),
+                        )
 
     def _activate(self, entries: Sequence[ActiveLora]) -> None:
         """Make exactly ``entries`` active, each at its weight (per component: the adapters it has)."""
