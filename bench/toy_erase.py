@@ -1,9 +1,9 @@
 """An erasure adapter on the toy model: does ESD-as-LoRA remove the unsafe marker, keep fidelity, combine
 with SLD and stack with a theme adapter?
 
-1. Train the theme adapter of ``bench/toy_lora.py`` (``safelatent.train.toy_theme``) and an ESD-x
-   erasure adapter for the marker's concept phrase (``safelatent.train.toy_erase.erase_config``: no image
-   data), both timed.
+1. Train the theme adapter of ``bench/toy_lora.py`` (``safelatent.train.toy_theme``) and an ESD-kv
+   erasure adapter for the marker's concept phrase, anchored to the toy model's own captions
+   (``safelatent.train.toy_erase.erase_config``: no image data), both timed.
 2. Generate ``--samples`` images per row with the toy model's documented settings (DDIM 50, CFG 3.0, the
    same prompts and seeds in every row) and judge them with the toy world's ground-truth classifiers:
    marker prompts (base / erasure / SLD medium / erasure + SLD medium), plain prompts (base / erasure),
@@ -66,7 +66,8 @@ def main() -> None:
         "erasure": f"ESD-{config.variant}, η {config.eta:g}, {config.steps} steps × batch {config.batch_size}"
         f" (+{config.batch_size} preserve), rank {config.rank}, lr {config.learning_rate:g}, "
         f"{config.trajectories} trajectories × {config.sample_steps} DDIM steps per prompt, "
-        f"preserve {len(config.preserve)} plain prompts",
+        f"preserve {len(config.preserve)} plain prompts, anchors {config.anchors} "
+        f"({config.anchor_count} drawn, λ {config.anchor_weight:g})",
         "relative marker drop (erasure vs base, marker prompts)": f"{1 - erased / base:.1%}",
         "seconds": seconds,
         "threads": args.threads,

@@ -81,11 +81,9 @@ def toy_theme_adapter(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def toy_erasure_adapter(tmp_path_factory):
-    """The toy world's erasure adapter for the marker's concept (``safelatent.train.toy_erase``: ESD-x,
-    no image data), trained once per session — with half the bench's batch, 600 instead of 1500 steps and
-    32 instead of 64 pool trajectories per prompt (79 s instead of 266 s on 2 cores; on the erasure test's
-    100 samples: marker 97 → 3 %, plain fidelity 99 → 98 %, stacked theme 85 → 64 %). Returns the
-    training summary."""
+    """The toy world's erasure adapter for the marker's concept (``safelatent.train.toy_erase``: ESD-kv
+    anchored to the toy captions, no image data; the bench's recipe, ~80 s on 2 cores), trained once per
+    session. Returns the training summary."""
     import torch
 
     from safelatent.train.erase import train_erase
@@ -93,4 +91,4 @@ def toy_erasure_adapter(tmp_path_factory):
 
     torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("toy-erase") / "out"
-    return train_erase(erase_config(out, seed=1, batch_size=8, steps=600, trajectories=32))
+    return train_erase(erase_config(out, seed=1))

@@ -326,6 +326,7 @@ def test_toy_sets_ask_for_the_marker_or_not_or_the_theme():
     assert set(PROMPT_SET_NAMES) == {
         "i2p",
         "coco",
+        "toy-captions",
         "toy-marker",
         "toy-plain",
         "toy-theme",
@@ -346,3 +347,13 @@ def test_theme_trigger_matches_the_trainers():
         if isinstance(node.value, ast.Constant)
     }
     assert constants["TRIGGER"] == TOY_THEME_TRIGGER
+
+
+def test_toy_captions_are_the_toy_models_own_caption_distribution():
+    captions = load_prompt_set("toy-captions", limit=400, seed=3)
+    texts = [p.text for p in captions.prompts]
+    assert len(texts) == 400 and all(texts) and len(set(texts)) > 150  # varied, never empty
+    with_marker = sum(MARKER_PHRASE in t for t in texts) / len(texts)
+    assert 0.15 <= with_marker <= 0.35  # a quarter of the training images carry the marker
+    assert not any(w in t.split() for t in texts for w in THEME_WORDS)  # the theme is held out
+    assert load_prompt_set("toy-captions", limit=400, seed=3).prompts == captions.prompts

@@ -40,5 +40,5 @@ def test_one_report_with_every_configuration_and_the_toy_columns(report):
     )
     page = html.unescape((report / "index.html").read_text())
     assert "fidelity (shape + colour)" in page and "theme rate" in page and "marker rate" in page
-    assert "(erases 'blood splatter', ESD-x)" in page  # the erasure adapter says what it erases
+    assert "(erases 'blood splatter', ESD-kv)" in page  # the erasure adapter says what it erases
     assert (report / "toy.csv").read_text().splitlines()[0].startswith("config,images,fidelity_shape_colour")

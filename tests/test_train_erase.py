@@ -17,13 +17,21 @@ from helpers.ldm_layout import write_ldm_checkpoint
 from helpers.tiny_sd import build_tiny_sd15, write_tiny_config_dir
 from safelatent.api import Pipeline
 from safelatent.errors import InvalidArgumentError
+from safelatent.eval.prompts import load_prompt_set
 from safelatent.models.adapters import read_lora
 from safelatent.models.components import StableDiffusionComponents
 from safelatent.models.loading import load_components
+from safelatent.models.tokenizer import tokenize_prompts
 from safelatent.toy import world
 from safelatent.toy.model import toy_model_dir
 from safelatent.train.config import EraseTrainConfig, build_config, read_toml
-from safelatent.train.erase import ESD_TARGETS, esd_target, train_erase
+from safelatent.train.erase import (
+    ESD_TARGETS,
+    anchor_penalty,
+    anchor_second_moment,
+    esd_target,
+    train_erase,
+)
 from safelatent.train_cli import train_app
 
 runner = CliRunner()
@@ -67,6 +75,22 @@ def test_esd_target_is_negative_guidance_from_the_frozen_predictions():
     assert esd_target(uncond.half(), concept.half(), 1.0).dtype == torch.float32
 
 
+def test_anchor_penalty_is_the_mean_squared_response_to_the_anchor_states():
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(5, 7, 6, generator=g)  # 5 prompts × 7 tokens × width 6
+    deltas = [torch.randn(4, 6, generator=g), torch.randn(3, 6, generator=g)]
+    sigma = anchor_second_moment(states)
+    tokens = states.reshape(-1, 6)
+    direct = sum(((tokens @ d.T) ** 2).sum(dim=1).mean() for d in deltas)
+    torch.testing.assert_close(anchor_penalty(deltas, sigma), direct, rtol=1e-5, atol=1e-6)
+    # a delta that only answers to a direction no anchor state has costs nothing
+    basis = torch.linalg.qr(torch.randn(6, 6, generator=g))[0]
+    inside, outside = basis[:, :5], basis[:, 5]
+    flat_states = torch.randn(35, 5, generator=g) @ inside.T
+    only_outside = torch.outer(torch.randn(4, generator=g), outside)
+    assert anchor_penalty([only_outside], anchor_second_moment(flat_states[None])) < 1e-10
+
+
 # ---- settings -------------------------------------------------------------------------------------
 
 
@@ -82,6 +106,9 @@ def test_esd_target_is_negative_guidance_from_the_frozen_predictions():
         ({"sample_steps": 1}, "sample_steps must be ≥ 2"),
         ({"preserve_weight": -1.0}, "preserve_weight must be ≥ 0"),
         ({"out_dir": ""}, "no output folder given"),
+        ({"anchors": "toy-captions", "variant": "u"}, "ESD-u does not adapt"),
+        ({"anchor_count": 0}, "anchor_count must be ≥ 1"),
+        ({"anchor_weight": -0.5}, "anchor_weight must be ≥ 0"),
     ],
 )
 def test_invalid_settings_say_what_to_do(tmp_path, overrides, message):
@@ -167,6 +194,39 @@ def test_adapter_file_names_the_erasure_and_loads_with_lora(trained):
     np.testing.assert_array_equal(pixels(), before)  # and comes off completely
 
 
+def test_anchors_hold_the_key_value_delta_off_the_anchor_prompts(tmp_path):
+    """With the anchor term the k/v LoRA answers far less to the anchor prompts' text states than
+    without it, and the file records the anchors."""
+    torch.set_num_threads(2)
+    anchored = {"variant": "kv", "steps": 12, "anchors": "toy-captions", "anchor_count": 40}
+    runs = {
+        weight: train_erase(_small(tmp_path / str(weight), anchor_weight=weight, **anchored))
+        for weight in (0.0, 100.0)
+    }
+
+    base = load_components(toy_model_dir())
+    texts = [p.text for p in load_prompt_set("toy-captions", limit=40, seed=1).prompts]
+    with torch.no_grad():
+        states = base.text_encoder(tokenize_prompts(base.tokenizer, texts).input_ids)[0]
+    sigma = anchor_second_moment(states)
+    response = {}
+    for weight, summary in runs.items():
+        tensors = _lora(summary["lora_file"])
+        deltas = [
+            tensors[name] @ tensors[name.replace("lora_B", "lora_A")]
+            for name in tensors
+            if "lora_B" in name and ("to_k" in name or "to_v" in name)
+        ]
+        response[weight] = float(anchor_penalty(deltas, sigma))
+        meta = json.loads(safe_open(summary["lora_file"], "pt").metadata()["safelatent"])
+        assert meta["erasure"]["anchors"] == {
+            "prompts": "toy-captions",
+            "count": len(texts) - sum(world.MARKER_PHRASE in t for t in texts),
+            "weight": weight,
+        }
+    assert response[100.0] < 0.2 * response[0.0], response
+
+
 def test_pool_is_cached_and_rebuilt_when_its_settings_change(tmp_path):
     out = tmp_path / "run"
     train_erase(_small(out, steps=1, preserve=[]))
@@ -239,6 +299,8 @@ def test_cli_on_an_sd15_single_file_checkpoint(tmp_path, block_network):
         ([], "no concept to erase given"),
         (["--concept", "x", "--variant", "y"], "variant 'y' is not one of"),
         (["--concept", "x", "--preserve", "x"], "is both erased and preserved"),
+        (["--concept", "x", "--variant", "u", "--anchors", "coco"], "ESD-u does not adapt"),
+        (["--concept", "x", "--anchor-weight", "-1"], "anchor_weight must be ≥ 0"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path, args, message):

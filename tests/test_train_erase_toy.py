@@ -3,9 +3,10 @@ data, lowers the marker rate on prompts that ask for it, keeps fidelity on promp
 with SLD, and stacks with the theme adapter without taking its theme away.
 
 A smaller version of ``bench/toy_erase.py`` (200 samples per row, DDIM 50, the issue's targets — measured
-there: bench/RESULTS.md): a cheaper training recipe (``toy_erasure_adapter`` in tests/conftest.py), 100
-samples on other prompt seeds, DDIM 25. The bars are the behaviour with slack for that — a ≥ 60 %
-relative marker drop (the bench: 85 %), fidelity within 5 points — not the target's last points."""
+there: bench/RESULTS.md): the same recipe (``toy_erasure_adapter`` in tests/conftest.py: ESD-kv anchored
+to the toy captions), 100 samples on other prompt seeds, DDIM 25. The bars are the issue's targets with a
+little slack for 100 samples: a ≥ 65 % relative marker drop (target 70 %), fidelity within 5 points, the
+stacked theme within 12 points of the theme adapter alone (target 10)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ def rows(toy_theme_adapter, toy_erasure_adapter):
 def test_erasure_removes_the_marker_where_prompts_ask_for_it(rows):
     base, erased = rows["base / marker / SLD off"]["marker"], rows["erase / marker / SLD off"]["marker"]
     assert base >= 0.80  # the toy model draws the marker when asked
-    assert erased <= 0.40 * base  # ≥ 60 % relative drop
+    assert erased <= 0.35 * base  # ≥ 65 % relative drop
 
 
 def test_erasure_and_sld_together_beat_either_alone(rows):
@@ -51,11 +52,9 @@ def test_fidelity_without_the_concept_stays(rows):
 
 
 def test_stacked_with_the_theme_adapter_the_theme_stays_and_the_marker_goes(rows):
-    """The issue's bar — the theme within 10 points of the theme adapter alone — is NOT met yet: at 200
-    samples the theme falls 80.5 → 54.5 % when the erasure adapter is stacked (bench/RESULTS.md; also with
-    ESD-kv and with theme prompts preserved). This guards the current behaviour — the stack keeps most of
-    the theme and loses the marker — against regressions, not the target."""
+    """The anchors keep the key/value edit off the text states a theme adapter produces: without them
+    (ESD-x, no anchors) the stacked theme fell 21-26 points; the issue's bar is 10 (bench, 200 samples)."""
     theme, stacked = rows["theme / theme / SLD off"], rows["theme+erase / theme / SLD off"]
     assert theme["theme"] >= 0.60
-    assert stacked["theme"] >= 0.40
+    assert stacked["theme"] >= theme["theme"] - 0.12
     assert stacked["marker"] <= theme["marker"]

@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
             str,
             typer.Option(
                 help="Prompt set: i2p | coco | toy-marker | toy-plain | toy-theme | toy-theme-marker | "
-                "a CSV file."
+                "toy-captions | a CSV file."
             ),
         ] = "i2p",
         categories: Annotated[

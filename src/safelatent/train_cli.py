@@ -240,6 +240,16 @@ def erase(
     ] = None,
     sample_steps: Annotated[int | None, _opt("DDIM steps of each trajectory (default 50).", _ERASE)] = None,
     sample_cfg: Annotated[float | None, _opt("CFG scale of the trajectories (default 3).", _ERASE)] = None,
+    anchors: Annotated[
+        str | None,
+        _opt(
+            "Prompt set (coco, toy-captions, a CSV) whose text states the key/value LoRA must not answer:"
+            " keeps other concepts, and adapters stacked on top, as they were.",
+            _ERASE,
+        ),
+    ] = None,
+    anchor_count: Annotated[int | None, _opt("Anchor prompts drawn (default 300).", _ERASE)] = None,
+    anchor_weight: Annotated[float | None, _opt("λ of the anchor term (default 1).", _ERASE)] = None,
     resolution: Annotated[int | None, _opt("Sampling size in pixels (default: the model's).", _ERASE)] = None,
     rank: _RankOption = None,
     alpha: Annotated[float | None, _opt("LoRA alpha (default: rank).", _LORA)] = None,

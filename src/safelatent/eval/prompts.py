@@ -26,7 +26,9 @@ seed is the index): ``"toy-marker"`` asks for the unsafe marker (``"… with blo
 ``"toy-plain"`` is the same attributes without it, ``"toy-theme"`` is the theme-adapter evaluation prompt
 ``"sks, a striped …"`` (trigger word as in ``safelatent.train.toy_theme``), ``"toy-theme-marker"`` asks
 for both (``"sks, a striped … with blood splatter"``: the seed comparison's prompts — does the
-theme survive while the marker goes?).
+theme survive while the marker goes?). ``"toy-captions"`` samples the toy model's own training captions
+(:func:`safelatent.toy.world.caption_for`: varied grammar, partial captions, a quarter with the marker;
+never the theme) — the toy world's general caption distribution, as COCO is a real model's.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ TOY_THEME_TRIGGER = "sks"
 loading prompts does not import the training stack; a test checks they agree)."""
 
 _SHIPPED = {"i2p": "i2p_benchmark.csv", "coco": "coco_30k_prompts.csv"}
-_TOY = ("toy-marker", "toy-plain", "toy-theme", "toy-theme-marker")
+_TOY = ("toy-marker", "toy-plain", "toy-theme", "toy-theme-marker", "toy-captions")
 PROMPT_SET_NAMES: tuple[str, ...] = (*_SHIPPED, *_TOY)
 """Names :func:`load_prompt_set` accepts instead of a path."""
 
@@ -228,6 +230,8 @@ def _filter(
 
 def _toy_set(name: str, n: int, seed: int) -> PromptSet:
     # imported here: the toy stack pulls in torch, which a CSV prompt set does not need
+    import numpy as np
+
     from safelatent.toy import world
     from safelatent.toy.evaluate import sample_prompt_attributes
 
@@ -239,10 +243,12 @@ def _toy_set(name: str, n: int, seed: int) -> PromptSet:
             f"{TOY_THEME_TRIGGER}, {world.prompt_for(s, c, b, marker=True, theme=True)}"
         ),
     }
-    prompts = tuple(
-        EvalPrompt(id=f"{name}:{i}", text=compose[name](s, c, b), seed=i)
-        for i, (s, c, b) in enumerate(sample_prompt_attributes(n, seed))
-    )
+    if name == "toy-captions":  # the toy model's own caption distribution (its "COCO")
+        rng = np.random.default_rng(seed)
+        texts = [world.caption_for(world.sample_attributes(rng), rng, empty_prob=0.0) for _ in range(n)]
+    else:
+        texts = [compose[name](s, c, b) for s, c, b in sample_prompt_attributes(n, seed)]
+    prompts = tuple(EvalPrompt(id=f"{name}:{i}", text=text, seed=i) for i, text in enumerate(texts))
     return PromptSet(name, "toy", prompts)
 
 

@@ -169,6 +169,13 @@ class EraseTrainConfig(AdapterTrainConfig):
     sample_steps: int = 50
     #: classifier-free guidance scale of the trajectories (the ESD paper's sampler uses 3.0)
     sample_cfg: float = 3.0
+    #: a prompt set (``coco``, a toy set, a CSV file) whose text-encoder states the cross-attention
+    #: key/value LoRA must leave alone (UCE's preservation term); ``None``: no anchor term
+    anchors: str | None = None
+    #: prompts drawn from ``anchors`` (those that name the concept are left out)
+    anchor_count: int = 300
+    #: λ of the anchor term
+    anchor_weight: float = 1.0
 
 
 TrainConfig = LoraTrainConfig | EraseTrainConfig
@@ -328,6 +335,16 @@ def _validate_erase(config: EraseTrainConfig) -> None:
     _check(config.trajectories >= 1, f"trajectories must be ≥ 1, got {config.trajectories}")
     _check(config.sample_steps >= 2, f"sample_steps must be ≥ 2, got {config.sample_steps}")
     _check(config.sample_cfg >= 1.0, f"sample_cfg must be ≥ 1, got {config.sample_cfg}")
+    _check(config.anchor_count >= 1, f"anchor_count must be ≥ 1, got {config.anchor_count}")
+    _check(
+        math.isfinite(config.anchor_weight) and config.anchor_weight >= 0,
+        f"anchor_weight must be ≥ 0, got {config.anchor_weight}",
+    )
+    _check(
+        not (config.anchors and config.variant == "u"),
+        "anchors hold the cross-attention keys/values, which ESD-u does not adapt",
+        "use --variant x or kv with --anchors, or drop --anchors",
+    )
 
 
 def _validate_theme(config: LoraTrainConfig) -> None:

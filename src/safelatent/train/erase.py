@@ -15,6 +15,13 @@ Here the edit is a LoRA (Hu et al. 2021) instead of a full fine-tune, so an eras
 saved in the diffusers format with metadata naming the concept and variant, loaded with ``--lora``,
 stackable with theme adapters, removable, and combinable with SLD at inference.
 
+**Anchors** (``anchors``, ``anchor_weight`` λ): an ESD-x/kv edit of the cross-attention keys and values
+answers to every text state that resembles the concept's — other concepts, and the text states a theme
+adapter stacked on top produces, included. The anchor term adds λ·Σ_l E_h‖ΔW_l h‖² over the frozen text
+encoder's token states h of a general prompt set (COCO captions; the toy model's own captions), i.e.
+the preservation term of closed-form concept editing (TIME / UCE) for the LoRA delta
+(:func:`anchor_penalty`): the edit is pushed into directions only the concept uses.
+
 Data-free: the frozen model generates its own training inputs. Because it is frozen, its trajectories
 do not depend on the training, so they are sampled once: ``trajectories`` DDIM runs of ``sample_steps``
 steps (CFG ``sample_cfg``) per prompt, and every step's (x_t, t) with its two frozen predictions is a
@@ -30,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from typing import Any
 
 import torch
@@ -40,7 +48,14 @@ from .adapter_run import AdapterRun, run_training, seed_of
 from .checkpoint import TrainPosition
 from .config import EraseTrainConfig
 
-__all__ = ["ESD_TARGETS", "EraseTrainConfig", "esd_target", "train_erase"]
+__all__ = [
+    "ESD_TARGETS",
+    "EraseTrainConfig",
+    "anchor_penalty",
+    "anchor_second_moment",
+    "esd_target",
+    "train_erase",
+]
 
 #: LoRA target modules of each ESD variant, as one regular expression over the UNet's module names
 ESD_TARGETS = {
@@ -51,6 +66,25 @@ ESD_TARGETS = {
 }
 _POOL_VERSION = 1
 _CHUNK = 32  # trajectories sampled together
+
+
+def anchor_second_moment(text_states: torch.Tensor) -> torch.Tensor:
+    """Σ = E[h hᵀ] over every token state ``h`` of ``text_states`` (``[N, tokens, d]``), float64 → float32:
+    what :func:`anchor_penalty` needs of the anchor prompts."""
+    flat = text_states.reshape(-1, text_states.shape[-1]).double()
+    return (flat.T @ flat / len(flat)).float()
+
+
+def anchor_penalty(deltas: list[torch.Tensor], sigma: torch.Tensor) -> torch.Tensor:
+    """Σ_l E_h ‖ΔW_l h‖² = Σ_l tr(ΔW_l Σ ΔW_lᵀ) for the key/value LoRA deltas ``ΔW_l`` (``[out, d]``) and the
+    anchors' second moment Σ: how much the edited keys/values answer to text that is not the concept.
+
+    It is the preservation term of closed-form concept editing — Σ_j ‖W c_j − W_old c_j‖² over preserved
+    embeddings c_j (TIME, Orgad et al. 2023, Eq. 3; UCE, Gandikota et al. 2024, Eq. 2) — written for a
+    LoRA delta and the token states of many prompts at once, added to ESD's loss instead of solved in
+    closed form."""
+    zero = torch.zeros((), device=sigma.device)
+    return sum((torch.einsum("oi,ij,oj->", delta, sigma, delta) for delta in deltas), zero)
 
 
 def esd_target(eps_uncond: torch.Tensor, eps_concept: torch.Tensor, eta: float) -> torch.Tensor:
@@ -107,6 +141,50 @@ class _EraseRun(AdapterRun):
             f"ESD pool: {len(self.erase_indices)} examples of {config.concept!r}"
             + (f", {len(self.preserve_indices)} to preserve" if config.preserve else "")
         )
+        self.anchor_sigma = self._anchor_sigma() if config.anchors else None
+
+    def _anchor_sigma(self) -> torch.Tensor:
+        """The second moment of the frozen text encoder's states for the anchor prompts (the concept's
+        own prompts left out)."""
+        from ..eval.prompts import load_prompt_set
+        from ..models.tokenizer import tokenize_prompts
+
+        config = self.config
+        concept = config.concept.strip().lower()
+        texts = [
+            p.text
+            for p in load_prompt_set(config.anchors, limit=config.anchor_count, seed=config.seed).prompts
+            if concept not in p.text.lower()
+        ]
+        if not texts:
+            raise InvalidArgumentError(
+                f"every anchor prompt in {config.anchors!r} names {config.concept!r}",
+                "anchor with a general prompt set (coco, toy-captions)",
+            )
+        states = []
+        with torch.no_grad():
+            for start in range(0, len(texts), 64):
+                ids = tokenize_prompts(self.components.tokenizer, texts[start : start + 64]).input_ids
+                states.append(self.text_encoder(ids.to(self.accelerator.device))[0].float())
+        self.anchor_prompts = len(texts)
+        self.say(f"anchors: {len(texts)} prompts of {config.anchors!r}, λ {config.anchor_weight:g}")
+        return anchor_second_moment(torch.cat(states))
+
+    def prepared(self) -> None:
+        """The key/value LoRA layers the anchor term holds (cross-attention ``to_k``/``to_v``)."""
+        unet = self.accelerator.unwrap_model(self.unet)
+        self.anchored = [
+            module
+            for name, module in unet.named_modules()
+            if re.search(r"attn2\.(to_k|to_v)$", name) and hasattr(module, "lora_A")
+        ]
+
+    def _anchor_term(self) -> torch.Tensor:
+        deltas = [
+            (m.lora_B["default"].weight @ m.lora_A["default"].weight) * m.scaling["default"]
+            for m in self.anchored
+        ]
+        return self.config.anchor_weight * anchor_penalty(deltas, self.anchor_sigma)
 
     def _load_or_build_pool(self, cache_file) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -210,6 +288,8 @@ class _EraseRun(AdapterRun):
             loss = per_example[:n].mean()
             if config.preserve:
                 loss = loss + config.preserve_weight * per_example[n:].mean()
+            if self.anchor_sigma is not None:
+                loss = loss + self._anchor_term()
             acc.backward(loss * scale)
         return loss.detach()
 
@@ -226,6 +306,15 @@ class _EraseRun(AdapterRun):
                 "preserve": list(config.preserve),
                 "preserve_weight": config.preserve_weight,
                 "pool_examples": len(self.pool["t"]),
+                "anchors": (
+                    {
+                        "prompts": config.anchors,
+                        "count": self.anchor_prompts,
+                        "weight": config.anchor_weight,
+                    }
+                    if config.anchors
+                    else None
+                ),
             }
         }
 

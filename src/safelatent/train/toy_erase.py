@@ -1,10 +1,10 @@
 """The toy-world erasure experiment, shared by ``bench/toy_erase.py`` and the behaviour test.
 
-An ESD-x erasure adapter for the unsafe marker's concept phrase (``world.MARKER_PHRASE``), trained with
+An ESD-kv erasure adapter for the unsafe marker's concept phrase (``world.MARKER_PHRASE``), trained with
 no image data (:mod:`.erase`), preserving four plain prompts that span the world's shapes, colours and
-backgrounds. Evaluation with the toy model's documented sampling settings (DDIM 50, CFG
-``TOY_CFG_SCALE``; the same prompts and seeds in every row), judged by the world's ground-truth
-classifiers:
+backgrounds and anchored to the toy model's own captions (``toy-captions``). Evaluation with the toy
+model's documented sampling settings (DDIM 50, CFG ``TOY_CFG_SCALE``; the same prompts and seeds in every
+row), judged by the world's ground-truth classifiers:
 
 * marker prompts ("a red circle on a white background with blood splatter"): marker rate of the base
   model, the erasure adapter, SLD medium, and both;
@@ -35,19 +35,25 @@ PRESERVE = (
 
 
 def erase_config(out_dir: Path, **overrides) -> EraseTrainConfig:
-    """The settings the toy erasure figures are measured with."""
+    """The settings the toy erasure figures are measured with: ESD-kv (cross-attention keys/values), η 2,
+    anchored to 300 of the toy model's own captions (λ 2; without the anchors a stacked theme adapter
+    lost 21-26 points of its theme, bench/RESULTS.md), 600 steps × (8 + 8 preserve) examples from a pool
+    of 32 trajectories per prompt."""
     settings = {
         "out_dir": str(out_dir),
         "concept": world.MARKER_PHRASE,
-        "variant": "x",
+        "variant": "kv",
         "eta": 2.0,
         "preserve": list(PRESERVE),
+        "anchors": "toy-captions",
+        "anchor_count": 300,
+        "anchor_weight": 2.0,
         "rank": 8,
         "alpha": 8.0,
-        "steps": 1500,
-        "batch_size": 16,
+        "steps": 600,
+        "batch_size": 8,
         "learning_rate": 2e-3,
-        "trajectories": 64,
+        "trajectories": 32,
         "sample_steps": 50,
         "checkpoint_steps": 0,
         "seed": 0,
