@@ -135,3 +135,25 @@ def test_key_store_quota_is_atomic_per_day(tmp_path):
     assert store.authenticate("sl_" + "x" * 43) is None and store.authenticate(None) is None
     with pytest.raises(InvalidArgumentError, match="requests per minute"):
         store.add("b", requests_per_minute=0)
+
+
+def test_clients_see_the_models_name_never_the_servers_path(tmp_path):
+    from safelatent.serve.app import Service
+
+    components = SimpleNamespace(
+        source="/srv/secret/models/sd15-pruned.safetensors",
+        model_hash="0123456789",
+        architecture="sd15",
+        vae_scale_factor=8,
+    )
+    fake = SimpleNamespace(components=components, default_size=512, policy=load_policy("default"))
+    service = Service(ServeSettings(model=components.source), [fake], ApiKeyStore(tmp_path / "k.sqlite3"))
+    listing = service.models_json()
+    assert listing["model"] == {
+        "name": "sd15-pruned.safetensors",
+        "hash": "0123456789",
+        "architecture": "sd15",
+    }
+    assert "/srv" not in str(listing)
+    assert listing["limits"]["max_size"] == 512 and listing["defaults"]["steps"] == 30
+    service.queue.close()

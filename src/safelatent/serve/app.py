@@ -30,6 +30,7 @@ from collections.abc import Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -104,8 +105,10 @@ class Service:
         self.queue = JobQueue(pipelines, settings.limits.queue)
         first = pipelines[0]
         components = first.components
-        self.model_name = "toy" if settings.model is None else str(components.source)
+        # the model's file or folder name only: clients never see the server's paths
+        self.model_name = "toy" if settings.model is None else Path(str(components.source)).name
         self.model_hash = components.model_hash
+        self.architecture = components.architecture
         self.default_size = first.default_size
         self.size_multiple = components.vae_scale_factor
         self.policy = first.policy
@@ -348,7 +351,7 @@ class Service:
     def models_json(self) -> dict[str, Any]:
         limits, policy = self.settings.limits, self.policy
         return {
-            "model": {"name": self.model_name, "hash": self.model_hash, "architecture": "sd15"},
+            "model": {"name": self.model_name, "hash": self.model_hash, "architecture": self.architecture},
             "adapters": list(self.adapters.values()),
             "sld_presets": list(SLD_STRENGTH),
             "policy": {

@@ -20,6 +20,7 @@ from PIL import Image
 from ..api import Pipeline
 from ..toy import world
 from ..toy.evaluate import ToyQualityConfig, _score, generate_images, sample_prompt_attributes
+from ..toy.model import TOY_EVAL_STEPS
 from ..toy.train import round_trip
 from .config import LoraTrainConfig
 
@@ -72,9 +73,12 @@ def vae_round_trip_theme_rate(components, images: np.ndarray) -> float:
     return float(np.mean([v.theme for v in world.classify_batch(round_trip(components.vae, images))]))
 
 
-def evaluate(components, samples: int, seed: int, batch_size: int = 100) -> list[dict]:
-    """Rows: (model, prompts) → fidelity to the prompted shape/colour/background and the theme rate."""
-    config = ToyQualityConfig(samples=samples, seed=seed, batch_size=batch_size)
+def evaluate(
+    components, samples: int, seed: int, batch_size: int = 100, *, steps: int = TOY_EVAL_STEPS
+) -> list[dict]:
+    """Rows: (model, prompts) → fidelity to the prompted shape/colour/background and the theme rate
+    (DDIM ``steps``: the toy model's documented 50 by default)."""
+    config = ToyQualityConfig(samples=samples, seed=seed, batch_size=batch_size, steps=steps)
     targets = sample_prompt_attributes(samples, seed)
     prompt_sets = {
         "trigger + theme": [f"{TRIGGER}, {world.prompt_for(s, c, b, theme=True)}" for s, c, b in targets],
