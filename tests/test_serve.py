@@ -36,7 +36,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def adapter_file(tmp_path_factory):
-    """A random theme LoRA for the toy model (UNet + text encoder, one trigger word)."""
+    """A random theme LoRA for the toy model (UNet + text encoder, one trigger word); beside it the same
+    weights labelled as an erasure adapter (``eraser.safetensors``)."""
     toy = api.load(device="cpu").components
     unet_config, text_config = (
         lora_config(["to_q", "to_v"], r=2, alpha=2),
@@ -47,13 +48,18 @@ def adapter_file(tmp_path_factory):
         add_random_lora(toy.text_encoder, text_config, "a", seed=2),
     )
     info = {"trigger_words": ["zq"], "rank": 2, "alpha": 2, "base_model_hash": toy.model_hash}
-    path = tmp_path_factory.mktemp("serve-adapters") / "stripes.safetensors"
-    return write_safelatent(path, state, {"unet": unet_config, "text_encoder": text_config}, info)
+    folder = tmp_path_factory.mktemp("serve-adapters")
+    configs = {"unet": unet_config, "text_encoder": text_config}
+    eraser_info = {"erasure": {"concept": "blood splatter", "variant": "ESD-kv"}, "rank": 2, "alpha": 2}
+    write_safelatent(folder / "eraser.safetensors", state, configs, eraser_info)
+    return write_safelatent(folder / "stripes.safetensors", state, configs, info)
 
 
 def _client(pipe, tmp_path, adapter_file=None, **settings):
     limits = ServeLimits(**{"max_steps": 4, "max_images": 2, "queue": 4, **settings.pop("limits", {})})
-    adapters = {"stripes": adapter_file} if adapter_file else {}
+    adapters = {}
+    if adapter_file:
+        adapters = {"stripes": adapter_file, "eraser": adapter_file.with_name("eraser.safetensors")}
     config = ServeSettings(adapters=adapters, keys_db=tmp_path / "keys.sqlite3", limits=limits, **settings)
     store = ApiKeyStore(config.keys_db)
     return TestClient(create_app(config, pipelines=[pipe], keys=store)), store
@@ -113,7 +119,10 @@ def test_keys_are_stored_hashed_and_revocation_is_immediate(served, tmp_path):
 def test_models_lists_the_registered_adapters_limits_and_policy(served):
     client, _, headers = served
     body = client.get("/v1/models", headers=headers).json()
-    assert body["adapters"] == [{"name": "stripes", "kind": "theme", "trigger_words": ["zq"], "erases": None}]
+    assert body["adapters"] == [
+        {"name": "stripes", "kind": "theme", "trigger_words": ["zq"], "erases": None},
+        {"name": "eraser", "kind": "erasure", "trigger_words": [], "erases": "blood splatter"},
+    ]
     assert body["policy"]["name"] == "toy" and body["policy"]["categories"]["violence"] == "suppress"
     assert body["policy"]["hard_blocked"] == ["sexual_minors", "real_people"]
     assert body["limits"]["max_steps"] == 4 and body["limits"]["max_size"] == 32
@@ -180,13 +189,14 @@ def test_a_blocked_prompt_is_refused_with_the_reason_and_audited(served):
 )
 def test_a_request_may_ask_for_more_safety_never_less(served, request_fields, message):
     client, _, headers = served
-    response = client.post(
-        "/v1/generate", json={"prompt": MARKER_PROMPT, **FAST, **request_fields}, headers=headers
-    )
+    before = len(_audit_rows(client="tester"))
+    body = {"prompt": MARKER_PROMPT, **FAST, **request_fields}
+    response = client.post("/v1/generate", json=body, headers=headers)
     assert response.status_code == 403, response.text
     assert response.json()["error"]["code"] == "forbidden_relaxation"
     assert message in response.json()["error"]["message"]
-    assert _audit_rows(client="tester")[-1]["outcome"] == "blocked"  # refusals are logged too
+    (row,) = _audit_rows(client="tester")[before:]  # refusals are logged too
+    assert row["outcome"] == "blocked" and message in row["reasons"]
 
 
 def test_stricter_requests_are_honoured(served):
@@ -202,12 +212,24 @@ def test_stricter_requests_are_honoured(served):
     assert blocked.status_code == 403 and blocked.json()["error"]["code"] == "prompt_blocked"
 
 
+def test_an_erasure_adapter_cannot_be_reversed(served):
+    client, _, headers = served
+    body = {"prompt": PLAIN, **FAST, "adapters": [{"name": "eraser", "weight": -1}]}
+    response = client.post("/v1/generate", json=body, headers=headers)
+    assert response.status_code == 403 and "would add it back" in response.json()["error"]["message"]
+    body["adapters"] = [{"name": "eraser", "weight": 1}]
+    assert client.post("/v1/generate", json=body, headers=headers).status_code == 200
+
+
 def test_the_servers_minimum_sld_cannot_be_undercut(pipe, tmp_path):
     client, store = _client(pipe, tmp_path, minimum_sld="medium")
     headers = {"Authorization": f"Bearer {store.add('k')}"}
     with client:
+        before = len(_audit_rows(client="k"))
         refused = client.post("/v1/generate", json={"prompt": PLAIN, **FAST, "sld": "weak"}, headers=headers)
         assert refused.status_code == 403 and "at least 'medium'" in refused.json()["error"]["message"]
+        (row,) = _audit_rows(client="k")[before:]
+        assert row["outcome"] == "blocked" and "at least 'medium'" in row["reasons"]
         default = client.post("/v1/generate", json={"prompt": PLAIN, **FAST}, headers=headers)
         assert default.status_code == 200 and default.json()["result"]["sld"]["sld_preset"] == "medium"
 
@@ -253,6 +275,16 @@ def test_malformed_and_oversized_bodies(served):
     assert bad.status_code == 400
     huge = client.post("/v1/generate", json={"prompt": "x" * 70_000}, headers=headers)
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "too_large"
+
+    def chunks():  # no Content-Length: the limit counts what arrives
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 8192
+        yield b'"}'
+
+    json_headers = {**headers, "Content-Type": "application/json"}
+    streamed = client.post("/v1/generate", content=chunks(), headers=json_headers)
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "too_large"
     long = client.post("/v1/generate", json={"prompt": "x" * 1001, **FAST}, headers=headers)
     assert long.status_code == 400 and "1001 characters" in long.json()["error"]["message"]
 
@@ -322,6 +354,20 @@ def test_a_failed_generation_is_a_500_without_internals_and_an_error_row(served,
     assert "secret" not in json.dumps(job)
     (row,) = _audit_rows(job_id)
     assert row["outcome"] == "error" and "secret internal detail" in row["reasons"]
+
+
+def test_server_side_failures_never_show_server_paths(served, pipe, monkeypatch):
+    from safelatent.safety.keys import ProvenanceError
+
+    client, _, headers = served
+
+    def no_keys(*args, **kwargs):
+        raise ProvenanceError("the policy requires C2PA signing, but /srv/secret/keys has no keys", "init")
+
+    monkeypatch.setattr(pipe, "generate", no_keys)
+    response = client.post("/v1/generate", json={"prompt": PLAIN, **FAST}, headers=headers)
+    assert response.status_code == 500 and response.json()["error"]["code"] == "generation_failed"
+    assert "/srv" not in response.text
 
 
 def test_the_page_and_schema_are_served_without_external_urls(served):

@@ -128,9 +128,12 @@ def test_key_store_quota_is_atomic_per_day(tmp_path):
     store = ApiKeyStore(tmp_path / "k.sqlite3")
     store.add("a", images_per_day=5)
     ((record, _),) = store.list()
-    assert store.reserve_images(record, 4) and not store.reserve_images(record, 2)
-    store.release_images(record, 4)
-    assert store.reserve_images(record, 5)
+    day = store.reserve_images(record, 4)
+    assert day is not None and store.reserve_images(record, 2) is None
+    store.release_images(record, 4, "2001-01-01")  # a refund goes to the day that was charged
+    assert store.reserve_images(record, 2) is None
+    store.release_images(record, 4, day)
+    assert store.reserve_images(record, 5) == day
     assert store.list()[0][1] == 5
     assert store.authenticate("sl_" + "x" * 43) is None and store.authenticate(None) is None
     with pytest.raises(InvalidArgumentError, match="requests per minute"):

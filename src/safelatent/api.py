@@ -397,6 +397,7 @@ class Pipeline:
             policy_overrides,
             request_id=request_id,
             requested={
+                **(audit_context or {}),  # first: context never overrides what the request asked
                 "prompts": prompts,
                 "negative_prompts": negatives,
                 "num_images_per_prompt": num_images_per_prompt,
@@ -405,7 +406,6 @@ class Pipeline:
                 "sld": sld,
                 "seed": seed,
                 "policy_overrides": policy_overrides,
-                **(audit_context or {}),
             },
             only_stricter=only_stricter,
         )

@@ -172,8 +172,9 @@ class ApiKeyStore:
             return None
         return ApiKey(*row[:6])
 
-    def reserve_images(self, key: ApiKey, count: int) -> bool:
-        """Count ``count`` images against today's quota; ``False`` (nothing counted) when they don't fit."""
+    def reserve_images(self, key: ApiKey, count: int) -> str | None:
+        """Count ``count`` images against today's quota; returns the day charged, ``None`` (nothing
+        counted) when they don't fit."""
         day = _today()
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -184,7 +185,7 @@ class ApiKeyStore:
                 used = row[0] if row else 0
                 if used + count > key.images_per_day:
                     self._db.execute("ROLLBACK")
-                    return False
+                    return None
                 self._db.execute(
                     "INSERT INTO usage (key_id, day, images) VALUES (?, ?, ?) "
                     "ON CONFLICT (key_id, day) DO UPDATE SET images = images + excluded.images",
@@ -194,12 +195,12 @@ class ApiKeyStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return True
+        return day
 
-    def release_images(self, key: ApiKey, count: int) -> None:
-        """Give back images reserved for a request that produced nothing (refused, failed)."""
+    def release_images(self, key: ApiKey, count: int, day: str) -> None:
+        """Give back images reserved (on ``day``) for a request that produced nothing (refused, failed)."""
         with self._lock:
             self._db.execute(
                 "UPDATE usage SET images = MAX(0, images - ?) WHERE key_id = ? AND day = ?",
-                (count, key.id, _today()),
+                (count, key.id, day),
             )

@@ -33,13 +33,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import SafelatentError
+from ..errors import InvalidArgumentError
 from ..models.adapters import LoraSpec, read_lora_info
 from ..safety.gate import SLD_STRENGTH
 from ..safety.layers import SecurityLayers, new_request_id
@@ -91,8 +91,10 @@ def error_from_exception(error: BaseException) -> ApiError:
         return ApiError(403, "prompt_blocked", error.what, error.hint or "change the prompt")
     if isinstance(error, HardBlockRelaxationError | SafetyRelaxationError):
         return ApiError(403, "forbidden_relaxation", error.what, error.hint or "")
-    if isinstance(error, SafelatentError):
-        return ApiError(400, "bad_request", error.what, error.hint or "")
+    if isinstance(error, InvalidArgumentError):
+        return ApiError(400, "bad_request", error.what, error.hint or "")  # the request's own arguments
+    # anything else (missing keys, a locked audit log, a broken adapter file, a bug) is the server's:
+    # its message may name server paths, so the client gets none of it
     return ApiError(500, "generation_failed", "the generation failed on the server", "try again later")
 
 
@@ -172,6 +174,14 @@ class Service:
         for adapter in body.adapters:
             if adapter.name not in self.adapters:
                 problems.append(f"unknown adapter {adapter.name!r}")
+            elif self.adapters[adapter.name]["kind"] == "erasure" and adapter.weight < 0:
+                raise ApiError(
+                    403,
+                    "forbidden_relaxation",
+                    f"request refused: adapter {adapter.name!r} erases "
+                    f"{self.adapters[adapter.name]['erases']!r}; a negative weight would add it back",
+                    "use a weight ≥ 0 for an erasure adapter",
+                )
             if not limits.min_weight <= adapter.weight <= limits.max_weight:
                 bounds = f"[{limits.min_weight:g}, {limits.max_weight:g}]"
                 problems.append(f"adapter weight {adapter.weight:g} is outside {bounds}")
@@ -214,8 +224,10 @@ class Service:
         )
         raise ApiError(403, "forbidden_relaxation", message, f"ask for SLD {minimum!r} or stronger")
 
-    def reserve(self, key: ApiKey, count: int) -> None:
-        if not self.keys.reserve_images(key, count):
+    def reserve(self, key: ApiKey, count: int) -> str:
+        """Charge ``count`` images to today's quota; returns the day charged (refunds go to that day)."""
+        day = self.keys.reserve_images(key, count)
+        if day is None:
             now = datetime.now(UTC)
             midnight = datetime.combine(now.date() + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
             wait = retry_after_header((midnight - now).total_seconds())
@@ -226,6 +238,7 @@ class Service:
                 f"the quota resets at 00:00 UTC (in {wait} s)",
                 {"Retry-After": wait},
             )
+        return day
 
     # ---- jobs ------------------------------------------------------------------------------------------
 
@@ -235,7 +248,7 @@ class Service:
         try:
             return self.queue.submit(job)
         except QueueFull as full:
-            self.keys.release_images(key, args["num_images_per_prompt"])
+            self.keys.release_images(key, args["num_images_per_prompt"], args["quota_day"])
             raise ApiError(
                 429,
                 "queue_full",
@@ -265,7 +278,7 @@ class Service:
                 )
                 return self._result_json(result)
             except BaseException as error:
-                self.keys.release_images(key, args["num_images_per_prompt"])
+                self.keys.release_images(key, args["num_images_per_prompt"], args["quota_day"])
                 if error_from_exception(error).status >= 500:
                     log.exception("job %s failed", job.id)
                 raise
@@ -401,12 +414,10 @@ def _adapter_info(name: str, path: Any) -> dict[str, Any]:
     }
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over ``limit`` bytes (declared or streamed)."""
+class ServiceMiddleware:
+    """ASGI middleware: the security headers on every response, and 413 for request bodies over
+    ``limit`` bytes (declared or streamed). Pure ASGI: a BaseHTTPMiddleware in between would turn the
+    413 raised while FastAPI reads a streamed body into its generic 400."""
 
     def __init__(self, app: Any, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -427,20 +438,29 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise _BodyTooLarge
+                if received > self.limit:  # FastAPI re-raises its HTTPException from the body read
+                    raise HTTPException(413, f"the request body is larger than {self.limit} bytes")
             return message
 
         async def tracking_send(message: dict) -> None:
             nonlocal started
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                present = {name.lower() for name, _ in message.get("headers", [])}
+                extra = [
+                    (name.lower().encode(), value.encode())
+                    for name, value in _SECURITY_HEADERS.items()
+                    if name.lower().encode() not in present
+                ]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _BodyTooLarge:
-            if not started:
-                await self._reject(send)
+        except StarletteHTTPException as error:  # a body read outside a route (routes answer it)
+            if error.status_code != 413 or started:
+                raise
+            await self._reject(send)
 
     async def _reject(self, send: Callable) -> None:
         error = ApiError(413, "too_large", f"the request body is larger than {self.limit} bytes")
@@ -511,14 +531,7 @@ def create_app(
     )
     app.state.service = service
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next):
-        response = await call_next(request)
-        for name, value in _SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
-
-    app.add_middleware(BodyLimit, limit=settings.limits.max_body_bytes)
+    app.add_middleware(ServiceMiddleware, limit=settings.limits.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):
@@ -533,9 +546,17 @@ def create_app(
         body = ApiError(400, "bad_request", "; ".join(problems), "see /openapi.json for the request schema")
         return JSONResponse(body.body(), status_code=400)
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        body = ApiError(500, "internal_error", "the server could not answer this request", "try again later")
+        return JSONResponse(body.body(), status_code=500, headers=_SECURITY_HEADERS)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            error.status_code, "http_error"
+        )
         body = ApiError(error.status_code, code, str(error.detail))
         return JSONResponse(
             body.body(), status_code=error.status_code, headers=getattr(error, "headers", None)
@@ -563,18 +584,14 @@ def create_app(
         service.check_rate(key)
         args = service.resolve(body)
         service.refuse_below_minimum_sld(key, args)
-        service.reserve(key, args["num_images_per_prompt"])
+        args["quota_day"] = service.reserve(key, args["num_images_per_prompt"])
         job = service.submit(key, args)
         if body.wait:
-            try:
-                await asyncio.wait_for(
-                    asyncio.shield(asyncio.wrap_future(job.future)), settings.limits.wait_seconds
-                )
-            except TimeoutError:
-                pass  # still queued or running: 202 with the job id
-            except Exception as error:  # the job failed: the client gets its error (never internals)
-                raise error_from_exception(error) from None
-        if job.status in ("done", "failed"):
+            # the job's own exception is read from the job below, never from this wait
+            await asyncio.wait([asyncio.wrap_future(job.future)], timeout=settings.limits.wait_seconds)
+        if job.status == "failed":  # the client gets its error (never internals)
+            raise error_from_exception(job.error)
+        if job.status == "done":
             return service.job_json(job)
         return JSONResponse(
             service.job_json(job), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"}

@@ -135,7 +135,9 @@ class JobQueue:
                 job.result = job.run(pipeline)
                 job.status = "done"
             except BaseException as error:  # the job fails; the worker goes on
-                job.error = error
+                # without its traceback: its frames would keep the job's tensors (maybe on the GPU) alive
+                # for as long as the job is kept
+                job.error = error.with_traceback(None)
                 job.status = "failed"
             with self._lock:
                 self._running -= 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -71,6 +72,9 @@ def _tuner_layers(model: nn.Module):
     return [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
+_VERBOSITY_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _transformers_warnings_off():
     """transformers ≥ 5 logs a "LOAD REPORT" table calling the keys of the *other* adapters already in the
@@ -79,12 +83,13 @@ def _transformers_warnings_off():
     (:mod:`.validate`), so the table is noise: transformers' warnings are off for this one call."""
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
+    with _VERBOSITY_LOCK:  # process-wide setting: service workers may load adapters at the same time
+        previous = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            hf_logging.set_verbosity(previous)
 
 
 class LoraStack:
