@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -116,9 +115,15 @@ async def wave(url: str, key: str, clients: int, retries: int, steps: int) -> li
 
 
 def audit_rows_per_job(audit_db: Path) -> Counter:
-    with sqlite3.connect(audit_db) as db:
-        settings = [json.loads(row[0]) for row in db.execute("SELECT settings FROM audit_requests")]
-    return Counter(s.get("job") for s in settings if s.get("client") == "load")
+    """How many audit rows each job of the load test's key has."""
+    from safelatent.safety.audit import AuditLog
+
+    log = AuditLog(audit_db, create=False)
+    try:
+        records = log.query(limit=None)
+    finally:
+        log.close()
+    return Counter(r.settings.get("job") for r in records if r.settings.get("client") == "load")
 
 
 def run(clients: int, waves: int, retries: int, steps: int, concurrency: int, queue: int) -> dict:
