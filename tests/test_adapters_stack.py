@@ -168,9 +168,9 @@ def test_sld_concept_is_encoded_by_the_adapted_text_encoder(adapters):
     pipe = tiny_pipeline(seed=0)
     c = pipe.components
     concept = "blood splatter"
-    plain, _ = encode_texts(c.tokenizer, c.text_encoder, [concept])
+    plain, _, _ = encode_texts(c.tokenizer, c.text_encoder, [concept])
     pipe.set_loras([adapters.a])  # a adapts the text encoder
-    adapted, _ = encode_texts(c.tokenizer, c.text_encoder, [concept])
+    adapted, _, _ = encode_texts(c.tokenizer, c.text_encoder, [concept])
     assert (adapted - plain).abs().max().item() > 0.05
 
     seen = []

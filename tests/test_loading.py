@@ -388,28 +388,28 @@ def test_diffusers_state_dict_as_single_file(tiny, tmp_path):
     [
         (
             {
-                "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+                "model.diffusion_model.input_blocks.0.0.weight": (384, 4, 3, 3),
                 "first_stage_model.encoder.conv_in.weight": (128, 3, 3, 3),
-                "cond_stage_model.model.transformer.resblocks.0.ln_1.weight": (1024,),
+                "conditioner.embedders.0.model.ln_final.weight": (1280,),
             },
-            "Stable Diffusion 2.x",
+            "Stable Diffusion XL refiner",
         ),
         (
             {
-                "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-                "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": (768,),
-                "conditioner.embedders.1.model.ln_final.weight": (1280,),
+                "model.diffusion_model.input_blocks.0.0.weight": (256, 7, 3, 3),
+                "model.diffusion_model.label_emb.weight": (1000, 1024),
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (256, 1024),
             },
-            "Stable Diffusion XL",
+            "class-conditioned UNet",
         ),
     ],
 )
-def test_sd2_and_sdxl_are_recognised_and_refused(tmp_path, keys, expected):
+def test_sdxl_refiner_and_upscaler_are_recognised_and_refused(tmp_path, keys, expected):
     path = tmp_path / "model.safetensors"
     save_file({k: torch.zeros(shape) for k, shape in keys.items()}, path)
     with pytest.raises(ModelFormatError) as info:
         load_components(path)
-    assert expected in str(info.value) and "not supported yet" in str(info.value)
+    assert expected in str(info.value) and "not supported" in str(info.value)
 
 
 def test_unet_only_file_names_what_is_missing(tiny, tiny_config_dir, tmp_path):
@@ -536,10 +536,10 @@ def test_prompts_are_padded_to_the_text_encoders_context(block_network):
     components = load_components(toy_model_dir())
     assert components.text_encoder.config.max_position_embeddings == CONTEXT_LENGTH == 32
     assert components.tokenizer.model_max_length == CONTEXT_LENGTH
-    hidden, messages = encode_texts(components.tokenizer, components.text_encoder, ["a red circle"])
+    hidden, _, messages = encode_texts(components.tokenizer, components.text_encoder, ["a red circle"])
     assert hidden.shape[1] == CONTEXT_LENGTH and messages == []
     long_prompt = " ".join(["red"] * 40) + " circle"
     with pytest.warns(PromptTruncatedWarning, match="longer than 32 CLIP tokens"):
-        hidden, messages = encode_texts(components.tokenizer, components.text_encoder, [long_prompt])
+        hidden, _, messages = encode_texts(components.tokenizer, components.text_encoder, [long_prompt])
     assert hidden.shape[1] == CONTEXT_LENGTH and "circle" in messages[0]
     assert block_network == []

@@ -43,7 +43,7 @@ from .safety.policy_file import (
     SafetyRelaxationError,
 )
 from .safety.prompt_policy import TextEncoderSimilarity
-from .sampling.conditioning import build_conditioning
+from .sampling.conditioning import PromptEncoder, build_conditioning, sdxl_time_ids
 from .sampling.fast import CompiledUNet, FastPathConfig, resolve_compile
 from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
 from .sampling.loop import StepCallback, decode_latents, sample
@@ -199,7 +199,10 @@ class Pipeline:
         #: the prompt policy every generate call goes through (hard blocks apply under any policy)
         self.policy: Policy = resolve_policy(policy)
         self._lora_stack = LoraStack(
-            components.unet, components.text_encoder, architecture=components.architecture
+            components.unet,
+            components.text_encoder,
+            text_encoder_2=components.text_encoder_2,
+            architecture=components.architecture,
         )
         self._compiled: CompiledUNet | None = None
 
@@ -486,14 +489,15 @@ class Pipeline:
             generator = torch.Generator("cpu").manual_seed(seed)
         sampler = make_scheduler(scheduler, c.scheduler)
         conditioning = build_conditioning(
-            c.tokenizer,
-            c.text_encoder,
+            PromptEncoder.of(c),
             prompts,
             negative_prompts=negatives,
             concepts=guidance.concepts,
             needs_uncond=guidance.needs_uncond,
             num_images_per_prompt=num_images_per_prompt,
         )
+        if conditioning.text_pooled is not None:
+            conditioning = conditioning.with_time_ids(sdxl_time_ids((height, width)))
         factor = c.vae_scale_factor
         shape = (
             len(prompts) * num_images_per_prompt,

@@ -11,7 +11,15 @@ test models of :mod:`tests.helpers.tiny_sd` can be written in the same key layou
 * VAE → ``first_stage_model.*`` (``down.{i}.block.{j}``, ``up.{N-1-i}``, ``mid.block_{1,2}``,
   ``mid.attn_1.{norm,q,k,v,proj_out}`` with the linear attention weights reshaped to 1×1 convolutions);
 * CLIP text encoder → ``cond_stage_model.transformer.text_model.*`` (plus the ``position_ids`` buffer
-  that real SD 1.x files carry).
+  that real SD 1.x files carry);
+* SD 2.x: the text encoder in open_clip layout under ``cond_stage_model.model.*`` (fused ``in_proj``,
+  ``c_fc``/``c_proj``, transposed ``text_projection``) — the reverse of diffusers'
+  ``convert_open_clip_checkpoint``;
+* SDXL base: CLIP ViT-L under ``conditioner.embedders.0.transformer.*``, OpenCLIP bigG under
+  ``conditioner.embedders.1.model.*``, the UNet's ``add_embedding`` as ``label_emb.0.{0,2}``.
+
+:func:`write_random_safetensors` streams a file of random tensors from shapes alone (no model in memory),
+for the full-size SDXL test.
 """
 
 from __future__ import annotations
@@ -26,14 +34,18 @@ from safetensors.torch import save_file
 __all__ = [
     "components_to_ldm",
     "text_encoder_to_ldm",
+    "text_encoder_to_open_clip",
     "unet_to_ldm",
     "vae_to_ldm",
     "write_ldm_checkpoint",
+    "write_random_safetensors",
 ]
 
 _UNET_TOP = {
     "time_embedding.linear_1.": "time_embed.0.",
     "time_embedding.linear_2.": "time_embed.2.",
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
@@ -170,17 +182,68 @@ def text_encoder_to_ldm(
     return out
 
 
+_OPEN_CLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def text_encoder_to_open_clip(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers ``CLIPTextModel[WithProjection]`` keys → open_clip ``TextTransformer`` keys (no prefix):
+    q/k/v fused into ``attn.in_proj_weight``/``in_proj_bias``, ``text_projection`` stored transposed."""
+    flat = {k.removeprefix("text_model."): v for k, v in state_dict.items() if not k.endswith("position_ids")}
+    out: dict[str, torch.Tensor] = {}
+    layers = sorted({int(m[1]) for k in flat if (m := re.match(r"encoder\.layers\.(\d+)\.", k))})
+    for i in layers:
+        base = f"encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [flat.pop(f"{base}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
+        for key in [k for k in flat if k.startswith(base)]:
+            out[f"transformer.resblocks.{i}.{_rename(key[len(base) :], _OPEN_CLIP_LAYER)}"] = flat.pop(key)
+    for key, name in _OPEN_CLIP_TOP.items():
+        out[name] = flat.pop(key)
+    if "text_projection.weight" in flat:
+        out["text_projection"] = flat.pop("text_projection.weight").T
+    if flat:
+        raise KeyError(f"no open_clip name for text encoder keys {sorted(flat)[:3]}")
+    return out
+
+
+#: where each text encoder goes, per architecture: (file prefix, open_clip layout?)
+_TEXT_LAYOUT = {
+    "sd15": {"text_encoder": ("cond_stage_model.", False)},
+    "sd2": {"text_encoder": ("cond_stage_model.model.", True)},
+    "sdxl": {
+        "text_encoder": ("conditioner.embedders.0.", False),
+        "text_encoder_2": ("conditioner.embedders.1.model.", True),
+    },
+}
+
+
 def components_to_ldm(
     unet: torch.nn.Module | None = None,
     vae: torch.nn.Module | None = None,
     text_encoder: torch.nn.Module | None = None,
     *,
+    text_encoder_2: torch.nn.Module | None = None,
+    architecture: str = "sd15",
     dtype: torch.dtype | None = None,
     position_ids: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """One LDM-layout state dict (``model.diffusion_model.*``, ``first_stage_model.*``,
-    ``cond_stage_model.*``) from diffusers/transformers models; ``None`` components are left out.
-    Floating-point tensors are cast to ``dtype`` when given, and every tensor is made contiguous."""
+    """One LDM-layout state dict (``model.diffusion_model.*``, ``first_stage_model.*`` and the text
+    encoder(s) where ``architecture`` keeps them) from diffusers/transformers models; ``None`` components
+    are left out. Floating-point tensors are cast to ``dtype`` when given, and every tensor is made
+    contiguous. Works on meta tensors too (key names and shapes only)."""
     out: dict[str, torch.Tensor] = {}
     if unet is not None:
         for key, value in unet_to_ldm(unet.state_dict(), unet.config.layers_per_block).items():
@@ -188,10 +251,19 @@ def components_to_ldm(
     if vae is not None:
         for key, value in vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)).items():
             out["first_stage_model." + key] = value
-    if text_encoder is not None:
-        ldm = text_encoder_to_ldm(text_encoder.state_dict(), position_ids=position_ids)
+    encoders = {"text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+    for name, (prefix, open_clip) in _TEXT_LAYOUT[architecture].items():
+        model = encoders[name]
+        if model is None:
+            continue
+        state = model.state_dict()
+        ldm = (
+            text_encoder_to_open_clip(state)
+            if open_clip
+            else text_encoder_to_ldm(state, position_ids=position_ids)
+        )
         for key, value in ldm.items():
-            out["cond_stage_model." + key] = value
+            out[prefix + key] = value
     for key, value in out.items():
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
@@ -205,11 +277,61 @@ def write_ldm_checkpoint(
     vae: torch.nn.Module | None = None,
     text_encoder: torch.nn.Module | None = None,
     *,
+    text_encoder_2: torch.nn.Module | None = None,
+    architecture: str = "sd15",
     dtype: torch.dtype | None = None,
     extra: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write :func:`components_to_ldm` (plus ``extra`` tensors, e.g. EMA keys) as a ``.safetensors`` file."""
-    state = components_to_ldm(unet, vae, text_encoder, dtype=dtype)
+    state = components_to_ldm(
+        unet, vae, text_encoder, text_encoder_2=text_encoder_2, architecture=architecture, dtype=dtype
+    )
     state.update(extra or {})
     save_file(state, str(path))
+    return Path(path)
+
+
+_SAFETENSORS_DTYPES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16"}
+
+
+def write_random_safetensors(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], *, dtype: torch.dtype = torch.float16, seed: int = 0
+) -> Path:
+    """A ``.safetensors`` file (format: 8-byte little-endian header size, JSON header, raw data) of
+    random normal values × 0.02, written tensor by tensor so only one tensor is ever in memory.
+
+    Values come from one 16 Mi-element random block, cycled: enough for a loading test, cheap on 2 cores.
+    """
+    import json
+    import struct
+
+    generator = torch.Generator().manual_seed(seed)
+    block = (torch.randn(1 << 24, generator=generator) * 0.02).to(dtype)
+    block_bytes = block.view(torch.uint8).numpy().tobytes()
+    width = block.element_size()
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        size = width
+        for dim in shape:
+            size *= int(dim)
+        header[key] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    position = 0
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for entry in header.values():
+            remaining = entry["data_offsets"][1] - entry["data_offsets"][0]
+            while remaining:
+                start = position % len(block_bytes)
+                chunk = block_bytes[start : start + remaining]
+                handle.write(chunk)
+                remaining -= len(chunk)
+                position += len(chunk)
     return Path(path)

@@ -46,9 +46,10 @@ def add_random_lora(model, config: LoraConfig, name: str, seed: int) -> dict[str
     return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
 
 
-def prefixed(unet_sd=None, text_sd=None) -> dict[str, torch.Tensor]:
+def prefixed(unet_sd=None, text_sd=None, text_2_sd=None) -> dict[str, torch.Tensor]:
     out = {f"unet.{k}": v for k, v in (unet_sd or {}).items()}
     out.update({f"text_encoder.{k}": v for k, v in (text_sd or {}).items()})
+    out.update({f"text_encoder_2.{k}": v for k, v in (text_2_sd or {}).items()})
     return out
 
 
@@ -94,6 +95,35 @@ def write_kohya(path: Path, state_dict, alphas: dict[str, float]) -> Path:
         stem = ("lora_unet_" if component == "unet" else "lora_te_") + rest.replace(".", "_")
         assert f"{stem}.lora_down.weight" in out, stem
         out[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(out, str(path))
+    return path
+
+
+def random_lora_pair(
+    layer: torch.nn.Module, rank: int, generator: torch.Generator, std: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (down, up) of a rank-``rank`` LoRA for a Linear or Conv2d layer, shaped as kohya and peft
+    store them: down ``(r, in)`` / ``(r, in, kh, kw)``, up ``(out, r)`` / ``(out, r, 1, 1)``."""
+    weight = layer.weight
+    down = torch.randn(rank, *weight.shape[1:], generator=generator) * std
+    up = torch.randn(weight.shape[0], rank, *([1, 1] if weight.ndim == 4 else []), generator=generator) * std
+    return down, up
+
+
+def lora_delta(down: torch.Tensor, up: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale·B·A`` in the layer's weight shape (a 3×3 conv down with a 1×1 up gives a 3×3 delta)."""
+    return scale * (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+
+def write_kohya_modules(path: Path, modules) -> Path:
+    """A kohya (sd-scripts) file from ``{stem: (down, up, alpha)}``: ``<stem>.lora_down.weight``,
+    ``<stem>.lora_up.weight`` and ``<stem>.alpha`` (left out when ``alpha`` is ``None``)."""
+    out = {}
+    for stem, (down, up, alpha) in modules.items():
+        out[f"{stem}.lora_down.weight"] = down.detach().clone().contiguous()  # no shared storage
+        out[f"{stem}.lora_up.weight"] = up.detach().clone().contiguous()
+        if alpha is not None:
+            out[f"{stem}.alpha"] = torch.tensor(float(alpha))
     save_file(out, str(path))
     return path
 

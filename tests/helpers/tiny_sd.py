@@ -1,5 +1,5 @@
-"""Small random-weight Stable Diffusion 1.5 components built from the *shipped* SD 1.5 configs with
-reduced widths (same block types, same key layout, 4 VAE levels ⇒ the same 8× latent factor).
+"""Small random-weight Stable Diffusion components built from the *shipped* configs (SD 1.5, SD 2.x,
+SDXL) with reduced widths (same block types, same key layout, 4 VAE levels ⇒ the same 8× latent factor).
 
 Used by the parity tests (safelatent vs diffusers' own pipelines) and the loader tests.
 """
@@ -10,9 +10,10 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from safelatent.models.loading import scheduler_from_config
 from safelatent.models.shipped import load_component_config
 from safelatent.models.tokenizer import load_clip_tokenizer
 
@@ -35,48 +36,90 @@ TINY_OVERRIDES = {
 }
 
 
-def tiny_config(component: str) -> dict:
-    config = load_component_config("sd15", component)
-    config.update(TINY_OVERRIDES.get(component, {}))
+#: SDXL at reduced widths: the same three UNet levels, two layers per block and sgm block names as SDXL
+#: base (so kohya key mapping is exercised), text width 32 + 32 = 64, pooled width 32.
+TINY_SDXL_OVERRIDES = {
+    "unet": {
+        "block_out_channels": [32, 64, 64],
+        "attention_head_dim": [2, 4, 4],
+        "transformer_layers_per_block": [1, 1, 2],
+        "cross_attention_dim": 64,
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 32 + 6 * 8,
+        "sample_size": 8,
+    },
+    "vae": TINY_OVERRIDES["vae"],
+    "text_encoder": TINY_OVERRIDES["text_encoder"],
+    "text_encoder_2": TINY_OVERRIDES["text_encoder"],
+}
+
+
+def tiny_config(component: str, architecture: str = "sd15") -> dict:
+    config = load_component_config(architecture, component)
+    overrides = TINY_SDXL_OVERRIDES if architecture == "sdxl" else TINY_OVERRIDES
+    config.update(overrides.get(component, {}))
     return config
 
 
-def build_tiny_sd15(seed: int = 0, *, full_size: bool = False) -> dict:
-    """unet, vae, text_encoder, tokenizer, scheduler — random weights, deterministic for a seed.
+def _text_encoder(config: dict):
+    cls = (
+        CLIPTextModelWithProjection
+        if config.get("architectures") == ["CLIPTextModelWithProjection"]
+        else CLIPTextModel
+    )
+    text_config = {k: v for k, v in config.items() if k not in ("architectures", "torch_dtype")}
+    return cls(CLIPTextConfig(**text_config)).eval()
 
-    ``full_size=True`` uses the shipped configs unchanged (860 M-parameter UNet: several GB of RAM).
+
+def build_tiny_sd(architecture: str = "sd15", seed: int = 0, *, full_size: bool = False) -> dict:
+    """The components of a random-weight model, deterministic for a seed: unet, vae, text_encoder,
+    tokenizer, scheduler (and text_encoder_2, tokenizer_2 for ``"sdxl"``).
+
+    ``full_size=True`` uses the shipped configs unchanged (SD 1.5: an 860 M-parameter UNet, several GB
+    of RAM).
     """
 
     def config(component):
-        return load_component_config("sd15", component) if full_size else tiny_config(component)
+        if full_size:
+            return load_component_config(architecture, component)
+        return tiny_config(component, architecture)
 
     torch.manual_seed(seed)
     unet_config = {k: v for k, v in config("unet").items() if not k.startswith("_")}
     vae_config = {k: v for k, v in config("vae").items() if not k.startswith("_")}
-    unet = UNet2DConditionModel(**unet_config).eval()
-    vae = AutoencoderKL(**vae_config).eval()
-    text_config = {
-        k: v for k, v in config("text_encoder").items() if k not in ("architectures", "torch_dtype")
+    parts = {
+        "unet": UNet2DConditionModel(**unet_config).eval(),
+        "vae": AutoencoderKL(**vae_config).eval(),
+        "text_encoder": _text_encoder(config("text_encoder")),
+        "tokenizer": load_clip_tokenizer(
+            pad_token="!" if architecture.startswith("sd2") else "<|endoftext|>"
+        ),
+        "scheduler": scheduler_from_config(config("scheduler")),
     }
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config)).eval()
-    scheduler = PNDMScheduler.from_config(config("scheduler"))
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": load_clip_tokenizer(),
-        "scheduler": scheduler,
-    }
+    if architecture == "sdxl":
+        parts["text_encoder_2"] = _text_encoder(config("text_encoder_2"))
+        parts["tokenizer_2"] = load_clip_tokenizer(pad_token="!")
+    return parts
 
 
-def write_tiny_config_dir(path: Path) -> Path:
+def build_tiny_sd15(seed: int = 0, *, full_size: bool = False) -> dict:
+    """:func:`build_tiny_sd` for SD 1.5."""
+    return build_tiny_sd("sd15", seed, full_size=full_size)
+
+
+def write_tiny_config_dir(path: Path, architecture: str = "sd15") -> Path:
     """A diffusers-layout config folder (no weights) with the reduced widths, for single-file loading."""
-    path = Path(path)
-    for component in ("unet", "vae", "text_encoder", "scheduler"):
-        (path / component).mkdir(parents=True, exist_ok=True)
-        name = "scheduler_config.json" if component == "scheduler" else "config.json"
-        (path / component / name).write_text(json.dumps(tiny_config(component), indent=2))
     from safelatent.models.shipped import shipped_config_dir
 
-    (path / "model_index.json").write_text((shipped_config_dir("sd15") / "model_index.json").read_text())
+    path = Path(path)
+    components = ["unet", "vae", "text_encoder", "scheduler"] + (
+        ["text_encoder_2"] if architecture == "sdxl" else []
+    )
+    for component in components:
+        (path / component).mkdir(parents=True, exist_ok=True)
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        (path / component / name).write_text(json.dumps(tiny_config(component, architecture), indent=2))
+    (path / "model_index.json").write_text(
+        (shipped_config_dir(architecture) / "model_index.json").read_text()
+    )
     return path

@@ -10,7 +10,11 @@ from typing import Any
 class StableDiffusionComponents:
     """What every generation path needs, whether loaded from a diffusers folder or one checkpoint file.
 
-    ``architecture`` is a short id of the model family (``"sd15"`` for Stable Diffusion 1.x).
+    ``architecture`` is a short id of the model family: ``"sd15"`` (Stable Diffusion 1.x), ``"sd2"``
+    (2.x; ε or v-prediction, as its scheduler's ``prediction_type`` says) or ``"sdxl"`` (XL, which adds
+    ``text_encoder_2``/``tokenizer_2`` and pooled + size/crop micro-conditioning; with
+    ``force_zeros_for_empty_prompt`` the unconditional branch without a negative prompt is all zeros,
+    as in diffusers' ``StableDiffusionXLPipeline``).
     ``model_hash`` is the first 10 hex digits of a SHA-256 over the weight files (for a single file:
     of that file, as AUTOMATIC1111 writes ``Model hash``), so PNG parameters identify the weights.
     ``source`` is the path the user gave.
@@ -25,6 +29,16 @@ class StableDiffusionComponents:
     source: str
     model_hash: str
     extra: dict[str, Any] = field(default_factory=dict)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        """Every text encoder, in order (one for SD 1.x/2.x, two for SDXL)."""
+        return (
+            (self.text_encoder,) if self.text_encoder_2 is None else (self.text_encoder, self.text_encoder_2)
+        )
 
     @property
     def device(self):

@@ -45,10 +45,12 @@ from ..errors import (
     OfflineViolationError,
     UnsafeCheckpointError,
 )
+from ..sampling.prediction import PREDICTION_TYPES
 from .components import StableDiffusionComponents
-from .detect import COMPONENT_DESCRIPTIONS, LDM_PREFIXES, detect_folder_architecture, detect_single_file
+from .detect import ARCHITECTURE_NAMES, component_description, detect_folder_architecture, detect_single_file
 from .offline import offline_mode
 from .shipped import shipped_config_dir
+from .tokenizer import CLIP_EOS_TOKEN as CLIP_EOS
 from .tokenizer import CLIP_MAX_LENGTH, CleanCLIPTokenizer, load_clip_tokenizer
 
 __all__ = [
@@ -68,6 +70,8 @@ PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 #: The sub-folders of a complete diffusers Stable Diffusion folder.
 FOLDER_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _MODEL_COMPONENTS = ("unet", "vae", "text_encoder")
+#: Weight-bearing components of any supported folder (SDXL adds the second text encoder).
+_WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 _COMPLETE_FOLDER = (
     "a complete diffusers Stable Diffusion folder (as StableDiffusionPipeline.save_pretrained writes it) "
@@ -99,15 +103,22 @@ def load_components(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
     config_dir: str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> StableDiffusionComponents:
     """Load a Stable Diffusion model from a local folder or file, without any network access.
 
     ``path`` is a diffusers-layout folder or a single ``.safetensors`` / ``.ckpt`` / ``.bin`` / ``.pt``
-    checkpoint in the original Stable Diffusion 1.x key layout. ``config_dir`` (single files only) is a
-    diffusers-layout folder of configs without weights (``unet/config.json``, ``vae/config.json``,
-    ``text_encoder/config.json``, optionally ``scheduler/`` and ``tokenizer/``) that replaces the shipped
-    SD 1.5 configs — for models with other widths. The UNet, VAE and text encoder are returned in
-    ``eval()`` mode with gradients off, on ``device`` in ``dtype``.
+    checkpoint in the original Stable Diffusion key layout — SD 1.x, SD 2.x or SDXL base, recognised from
+    the keys. ``config_dir`` (single files only) is a diffusers-layout folder of configs without weights
+    (``unet/config.json``, ``vae/config.json``, ``text_encoder/config.json`` [, ``text_encoder_2/``],
+    optionally ``scheduler/`` and ``tokenizer/``) that replaces the shipped configs of the family — for
+    models with other widths. ``prediction_type`` (``"epsilon"``, ``"v_prediction"``, ``"sample"``)
+    overrides the scheduler's; an SD 2.x single file does not record it, and is taken as the 768-px
+    v-prediction model unless ``prediction_type="epsilon"`` (the 512-px base model). ``vae`` replaces the
+    VAE with a diffusers VAE folder (``config.json`` + weights), e.g. an fp16-safe SDXL VAE; a VAE whose
+    config says ``force_upcast`` runs in float32 when ``dtype`` is half precision. The models are returned
+    in ``eval()`` mode with gradients off, on ``device`` in ``dtype``.
 
     Raises :class:`ModelNotFoundError` (no such path; hub ids are never resolved),
     :class:`ModelFormatError` (incomplete folder, unknown keys or extension, unsupported architecture),
@@ -116,8 +127,13 @@ def load_components(
     """
     device = check_device(device)
     dtype = check_dtype(dtype)
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise InvalidArgumentError(
+            f"unknown prediction_type {prediction_type!r}", f"use one of {', '.join(PREDICTION_TYPES)}"
+        )
     source = os.fspath(path)
     resolved = _resolve_model_path(path)
+    vae_folder = _vae_folder(vae) if vae is not None else None
     configs = Path(config_dir).expanduser() if config_dir is not None else None
     if configs is not None and not configs.is_dir():
         raise ModelNotFoundError(
@@ -135,13 +151,49 @@ def load_components(
                     logger.warning(
                         "config_dir is ignored for a diffusers folder (%s has its own configs)", source
                     )
-                return _load_folder(resolved, source, device, dtype)
-            return _load_single_file(resolved, source, device, dtype, configs)
+                components = _load_folder(resolved, source, device, dtype, prediction_type)
+            else:
+                components = _load_single_file(resolved, source, device, dtype, configs, prediction_type)
+            if vae_folder is not None:
+                _replace_vae(components, vae_folder, device, dtype)
+            return components
         except OfflineModeIsEnabled as error:
             raise OfflineViolationError(
                 f"loading {source} tried to contact a model hub ({error})",
                 "safelatent never downloads; this is a bug — please report it with the path layout you used",
             ) from error
+
+
+def _vae_folder(vae: str | os.PathLike) -> Path:
+    folder = Path(vae).expanduser()
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"vae {os.fspath(vae)} is not a diffusers VAE folder (a folder with config.json and weights)",
+            "pass the VAE's folder, e.g. the fp16-safe SDXL VAE as AutoencoderKL.save_pretrained writes it "
+            "(config.json + diffusion_pytorch_model.safetensors)",
+        )
+    return folder
+
+
+def _replace_vae(
+    components: StableDiffusionComponents, folder: Path, device: torch.device, dtype: torch.dtype
+) -> None:
+    """Swap in the VAE of ``folder``; its hash goes to ``extra["vae_hash"]`` (A1111's "VAE hash")."""
+    from diffusers import AutoencoderKL
+
+    vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
+    _check_finite(vae.state_dict().items(), str(folder))
+    if tuple(vae.config.block_out_channels) != tuple(components.vae.config.block_out_channels) or int(
+        vae.config.latent_channels
+    ) != int(components.vae.config.latent_channels):
+        raise ModelFormatError(
+            f"the VAE in {folder} does not fit this {components.architecture} model (other widths or latent "
+            "channels)",
+            "use a VAE made for this model family",
+        )
+    components.vae = _finalize(vae, device, vae_dtype(vae, dtype, components.architecture))
+    components.extra["vae"] = str(folder)
+    components.extra["vae_hash"] = file_sha256(_component_weights(folder)[0])[:10]
 
 
 @contextmanager
@@ -283,7 +335,7 @@ def _finalize(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) 
     return torch.nn.Module.to(model, device=device, dtype=dtype)
 
 
-def _load_scheduler(config: dict, where: str) -> Any:
+def scheduler_from_config(config: dict, where: str = "scheduler config") -> Any:
     """A diffusers scheduler from a config dict (its ``_class_name``, PNDM when absent)."""
     import diffusers
 
@@ -355,10 +407,10 @@ def _component_weights(component_dir: Path) -> tuple[list[Path], str | None]:
 
 
 def folder_weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The unet/vae/text_encoder weight files of a diffusers folder, sorted by relative path."""
+    """The unet/vae/text_encoder(_2) weight files of a diffusers folder, sorted by relative path."""
     folder = Path(folder)
     files: list[Path] = []
-    for component in _MODEL_COMPONENTS:
+    for component in _WEIGHT_COMPONENTS:
         if (folder / component).is_dir():
             files.extend(_component_weights(folder / component)[0])
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
@@ -423,10 +475,10 @@ def _from_pretrained(cls: Any, component_dir: Path, component: str, dtype: torch
 
 
 def _load_folder(
-    folder: Path, source: str, device: torch.device, dtype: torch.dtype
+    folder: Path, source: str, device: torch.device, dtype: torch.dtype, prediction_type: str | None = None
 ) -> StableDiffusionComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     index_path = folder / "model_index.json"
     model_index = _read_json(index_path, "model_index") if index_path.is_file() else None
@@ -454,49 +506,85 @@ def _load_folder(
 
     unet_config = _read_json(folder / "unet" / "config.json", "UNet config")
     architecture = detect_folder_architecture(model_index, unet_config, source)
+    xl = architecture == "sdxl"
+    if xl and not (folder / "text_encoder_2" / "config.json").is_file():
+        raise ModelFormatError(
+            f"{source} is a Stable Diffusion XL folder without text_encoder_2/config.json",
+            "copy text_encoder_2/ (config.json + weights) and tokenizer_2/ from the original SDXL model",
+        )
 
     models: dict[str, torch.nn.Module] = {}
     for component, cls in (
         ("unet", UNet2DConditionModel),
         ("vae", AutoencoderKL),
         ("text_encoder", CLIPTextModel),
+        *((("text_encoder_2", CLIPTextModelWithProjection),) if xl else ()),
     ):
         model = _from_pretrained(cls, folder / component, component, dtype)
         _check_finite(model.state_dict().items(), f"{folder / component}")
-        models[component] = _finalize(model, device, dtype)
+        models[component] = _finalize(
+            model, device, vae_dtype(model, dtype, architecture) if component == "vae" else dtype
+        )
 
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if scheduler_config.is_file():
-        scheduler = _load_scheduler(_read_json(scheduler_config, "scheduler config"), str(scheduler_config))
+        scheduler_dict = _read_json(scheduler_config, "scheduler config")
     else:
-        logger.warning(
-            "%s has no scheduler/scheduler_config.json; using the shipped SD 1.5 PNDM scheduler", source
-        )
-        scheduler = _load_scheduler(
-            _read_json(
-                shipped_config_dir("sd15") / "scheduler" / "scheduler_config.json", "scheduler config"
-            ),
-            "shipped scheduler config",
-        )
+        shipped = shipped_config_dir(_shipped_architecture(architecture, unet_config)) / "scheduler"
+        logger.warning("%s has no scheduler/scheduler_config.json; using the shipped %s", source, shipped)
+        scheduler_config = shipped / "scheduler_config.json"
+        scheduler_dict = _read_json(scheduler_config, "scheduler config")
+    scheduler = scheduler_from_config(
+        _with_prediction_type(scheduler_dict, prediction_type), str(scheduler_config)
+    )
 
-    if (folder / "tokenizer").is_dir():
-        tokenizer = _load_folder_tokenizer(folder / "tokenizer")
-    else:
-        logger.warning("%s has no tokenizer/; using the shipped CLIP tokenizer", source)
-        tokenizer = load_clip_tokenizer(pad_token="!" if architecture == "sd2" else "<|endoftext|>")
+    tokenizers = {}
+    for name, pad in (
+        ("tokenizer", "!" if architecture == "sd2" else CLIP_EOS),
+        *((("tokenizer_2", "!"),) if xl else ()),
+    ):
+        if (folder / name).is_dir():
+            tokenizers[name] = _load_folder_tokenizer(folder / name)
+        else:
+            logger.warning("%s has no %s/; using the shipped CLIP tokenizer", source, name)
+            tokenizers[name] = load_clip_tokenizer(pad_token=pad)
 
     weight_files = folder_weight_files(folder)
     return StableDiffusionComponents(
         unet=models["unet"],
         vae=models["vae"],
         text_encoder=models["text_encoder"],
-        tokenizer=_fit_context(tokenizer, models["text_encoder"]),
+        tokenizer=_fit_context(tokenizers["tokenizer"], models["text_encoder"]),
         scheduler=scheduler,
         architecture=architecture,
         source=source,
         model_hash=file_sha256(weight_files)[:10],
         extra={"format": "diffusers", "weight_files": [str(p) for p in weight_files]},
+        text_encoder_2=models.get("text_encoder_2"),
+        tokenizer_2=_fit_context(tokenizers["tokenizer_2"], models["text_encoder_2"]) if xl else None,
+        force_zeros_for_empty_prompt=bool((model_index or {}).get("force_zeros_for_empty_prompt", True))
+        and xl,
     )
+
+
+def vae_dtype(vae: torch.nn.Module, dtype: torch.dtype, architecture: str) -> torch.dtype:
+    """The dtype the VAE runs in: float32 when an SDXL VAE asks for it in half precision.
+
+    SDXL's VAE overflows in fp16 (its config says ``force_upcast: true``; diffusers' SDXL pipeline upcasts
+    it to decode); an fp16-safe VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``, ``force_upcast: false``,
+    passed as ``vae=``) runs in fp16. SD 1.x/2.x VAEs run in ``dtype``, as in diffusers'
+    ``StableDiffusionPipeline`` (their configs omit ``force_upcast``, whose class default is true)."""
+    upcast = architecture == "sdxl" and getattr(vae.config, "force_upcast", False)
+    if dtype in (torch.float16, torch.bfloat16) and upcast:
+        return torch.float32
+    return dtype
+
+
+def _shipped_architecture(architecture: str, unet_config: Mapping | None = None) -> str:
+    """The shipped config folder for an architecture (SD 2.x: 768-v, or 512-ε for 64×64 latents)."""
+    if architecture == "sd2" and unet_config is not None and int(unet_config.get("sample_size", 96)) == 64:
+        return "sd2-base"
+    return architecture
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -591,22 +679,24 @@ class _CheckpointReader:
         self._tensors = None
 
 
-def _read_configs(config_dir: Path) -> tuple[dict[str, dict], Path]:
-    """The unet/vae/text_encoder/scheduler configs of a config folder, and the scheduler config's path
-    (the shipped PNDM one when the folder has none)."""
+def _read_configs(
+    config_dir: Path, components: tuple[str, ...], shipped: Path
+) -> tuple[dict[str, dict], Path]:
+    """The model and scheduler configs of a config folder, and the scheduler config's path (the one in
+    the ``shipped`` config folder when ``config_dir`` has none)."""
     configs = {}
-    for component in _MODEL_COMPONENTS:
+    for component in components:
         path = config_dir / component / "config.json"
         if not path.is_file():
             raise ModelFormatError(
                 f"config_dir {config_dir} has no {component}/config.json",
-                "a config folder needs unet/config.json, vae/config.json and text_encoder/config.json "
+                f"a config folder needs {', '.join(c + '/config.json' for c in components)} "
                 "(diffusers layout, no weights); scheduler/ and tokenizer/ are optional",
             )
         configs[component] = _read_json(path, f"{component} config")
     scheduler = config_dir / "scheduler" / "scheduler_config.json"
     if not scheduler.is_file():
-        scheduler = shipped_config_dir("sd15") / "scheduler" / "scheduler_config.json"
+        scheduler = shipped / "scheduler" / "scheduler_config.json"
     configs["scheduler"] = _read_json(scheduler, "scheduler config")
     return configs, scheduler
 
@@ -641,7 +731,9 @@ def _load_into(
     """Build a model and load ``state_dict`` strictly; a key/shape mismatch becomes a teaching error.
 
     ``on_meta`` builds it without allocating or initialising weights and adopts the given tensors
-    (``assign=True``): no random init, no second copy. Only for models without non-persistent buffers.
+    (``assign=True``): no random init, no second copy. The one non-persistent buffer of the models loaded
+    here, CLIP's ``embeddings.position_ids`` (``arange(max_positions)``), is recreated; any other buffer
+    left on the meta device is an error.
     """
     if on_meta:
         with torch.device("meta"):
@@ -652,17 +744,25 @@ def _load_into(
     report = _shape_report(expected, state_dict)
     if report:
         raise ModelFormatError(
-            f"the {COMPONENT_DESCRIPTIONS[component]} weights in {source} do not fit {config_path}: {report}",
-            "if this is a Stable Diffusion 1.x model with other widths, pass config_dir= a diffusers-layout "
-            "folder whose unet/vae/text_encoder configs match the checkpoint",
+            f"the {component} weights in {source} do not fit {config_path}: {report}",
+            "if this model has other widths than the standard one of its family, pass config_dir= a "
+            "diffusers-layout folder whose unet/vae/text_encoder configs match the checkpoint",
         )
     state_dict = {k: (v if v.is_contiguous() else v.contiguous()) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=on_meta)
     if on_meta:
+        _materialise_position_ids(model)
         leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-        if leftover:  # pragma: no cover - would mean a diffusers model grew a non-persistent buffer
+        if leftover:  # pragma: no cover - would mean a model grew another non-persistent buffer
             raise RuntimeError(f"{component}: tensors left uninitialised after loading: {leftover[:3]}")
     return model
+
+
+def _materialise_position_ids(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        buffer = module._buffers.get("position_ids")
+        if buffer is not None and buffer.is_meta:
+            module._buffers["position_ids"] = torch.arange(buffer.shape[-1]).expand(buffer.shape).clone()
 
 
 def _convert(component: str, convert: Callable[[], dict], source: str, config_path: Path) -> dict:
@@ -671,66 +771,110 @@ def _convert(component: str, convert: Callable[[], dict], source: str, config_pa
         converted = convert()
     except (KeyError, IndexError, AttributeError, ValueError) as error:
         raise ModelFormatError(
-            f"the {COMPONENT_DESCRIPTIONS[component]} keys in {source} cannot be mapped onto {config_path} "
+            f"the {component} keys in {source} cannot be mapped onto {config_path} "
             f"({type(error).__name__}: {first_line(error)})",
-            "the checkpoint is incomplete or of another architecture; if it is a Stable Diffusion 1.x model "
-            "with other widths, pass config_dir= a diffusers-layout folder whose configs match it",
+            "the checkpoint is incomplete or of another architecture; if it is a model with other widths "
+            "than the standard one of its family, pass config_dir= a diffusers-layout folder whose configs "
+            "match it",
         ) from None
     return {k: v for k, v in converted.items() if v is not None}
 
 
-def _text_encoder_state_dict(tensors: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict:
-    """LDM ``cond_stage_model.transformer.*`` keys → the key names of this transformers' ``CLIPTextModel``.
+def _fit_text_keys(converted: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict:
+    """Converted text-encoder keys → the key names of this transformers' model.
 
-    transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level); older files may also lack
-    it. ``embeddings.position_ids`` (a constant ``arange`` in old checkpoints) is dropped: it is a
+    transformers ≥ 5.6 flattened ``CLIPTextModel`` (no ``text_model.`` level) while
+    ``CLIPTextModelWithProjection`` keeps it beside ``text_projection``; older files may lack it either way.
+    ``embeddings.position_ids`` (a constant ``arange`` in old checkpoints) is dropped: it is a
     non-persistent buffer the model creates itself.
     """
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-
-    wrapped = hasattr(model, "text_model")
-    converted = {}
-    for key, value in convert_ldm_clip_checkpoint(dict(tensors)).items():
+    expected = set(model.state_dict())
+    fitted = {}
+    for key, value in converted.items():
         key = key.removeprefix("text_model.")
         if key == "embeddings.position_ids":
             continue
-        converted[f"text_model.{key}" if wrapped else key] = value
-    return converted
+        fitted[key if key in expected else f"text_model.{key}"] = value
+    return fitted
+
+
+def _text_encoder_state_dict(
+    tensors: Mapping[str, torch.Tensor], model: torch.nn.Module, *, prefix: str, open_clip: bool
+) -> dict:
+    """The text encoder under ``prefix`` of an original checkpoint, keyed for ``model``, converted with
+    diffusers' own ``convert_ldm_clip_checkpoint`` (Hugging Face CLIP layout: SD 1.x, SDXL's first encoder)
+    or ``convert_open_clip_checkpoint`` (open_clip layout — fused ``in_proj`` split into q/k/v,
+    ``text_projection`` transposed: SD 2.x, SDXL's second encoder)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint, convert_open_clip_checkpoint
+
+    selected = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    if open_clip:
+        converted = convert_open_clip_checkpoint(model, selected, prefix=prefix)
+    else:
+        converted = convert_ldm_clip_checkpoint(selected, remove_prefix=prefix)
+    return _fit_text_keys(converted, model)
+
+
+def _shipped_single_file_configs(architecture: str, prediction_type: str | None, *, warn: bool) -> Path:
+    """The shipped configs for a single file (SD 2.x: 768-v unless ``prediction_type`` says ε)."""
+    if architecture == "sd2":
+        if prediction_type is None and warn:
+            logger.warning(
+                "an SD 2.x single file does not say whether it predicts v (768 px, v2-1_768) or ε (512 px, "
+                "v2-1_512): assuming v-prediction at 768 px; pass prediction_type='epsilon' for the 512 model"
+            )
+        return shipped_config_dir("sd2-base" if prediction_type == "epsilon" else "sd2")
+    return shipped_config_dir(architecture)
 
 
 def _load_single_file(
-    file: Path, source: str, device: torch.device, dtype: torch.dtype, config_dir: Path | None
+    file: Path,
+    source: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    config_dir: Path | None,
+    prediction_type: str | None = None,
 ) -> StableDiffusionComponents:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     reader = _CheckpointReader(file, source)
-    configs_root = config_dir if config_dir is not None else shipped_config_dir("sd15")
-    configs, scheduler_path = _read_configs(configs_root)
-    layout = detect_single_file(
-        reader.shapes, source, unet_in_channels=int(configs["unet"].get("in_channels", 4))
-    )
-    if layout.missing:
-        found = ", ".join(COMPONENT_DESCRIPTIONS[c] for c in layout.present)
-        lacking = " and ".join(COMPONENT_DESCRIPTIONS[c] for c in layout.missing)
-        raise ModelFormatError(
-            f"{source} is a Stable Diffusion 1.x checkpoint with only {found}: it has no {lacking}",
-            "generation needs the UNet, VAE and text encoder: use a full checkpoint (e.g. "
-            "v1-5-pruned-emaonly.safetensors) or a diffusers folder with all components",
+    unet_in_channels = 4
+    if config_dir is not None and (config_dir / "unet" / "config.json").is_file():
+        unet_in_channels = int(
+            _read_json(config_dir / "unet" / "config.json", "UNet config").get("in_channels", 4)
         )
+    layout = detect_single_file(reader.shapes, source, unet_in_channels=unet_in_channels)
+    architecture = layout.architecture
+    family = ARCHITECTURE_NAMES[architecture]
+    if layout.missing:
+        found = ", ".join(component_description(c, architecture) for c in layout.present)
+        lacking = " and ".join(component_description(c, architecture) for c in layout.missing)
+        raise ModelFormatError(
+            f"{source} is a {family} checkpoint with only {found}: it has no {lacking}",
+            "generation needs the UNet, VAE and text encoder(s): use a full checkpoint (e.g. "
+            "v1-5-pruned-emaonly.safetensors, sd_xl_base_1.0.safetensors) or a diffusers folder with all "
+            "components",
+        )
+    shipped = _shipped_single_file_configs(architecture, prediction_type, warn=config_dir is None)
+    configs_root = config_dir if config_dir is not None else shipped
+    configs, scheduler_path = _read_configs(configs_root, tuple(layout.prefixes), shipped)
     if layout.ignored_keys:
         logger.info(
-            "%s: ignoring %d keys outside unet/vae/text encoder (EMA copy, scheduler buffers, ...), e.g. %s",
+            "%s: ignoring %d keys outside the model's components (EMA copy, scheduler buffers, ...), e.g. %s",
             source,
             len(layout.ignored_keys),
             layout.ignored_keys[0],
         )
 
-    prefixes = tuple(LDM_PREFIXES.values())
+    prefixes = tuple(layout.prefixes.values())
     tensors = reader.read(k for k in reader.shapes if k.startswith(prefixes))
     reader.release()
     _check_finite(tensors.items(), str(file))
+
+    def describe(component):
+        return component_description(component, architecture)
 
     built = {}
     for name, convert, model_class in (
@@ -738,9 +882,11 @@ def _load_single_file(
         ("vae", convert_ldm_vae_checkpoint, AutoencoderKL),
     ):
         config_path = configs_root / name / "config.json"
-        state = _convert(name, partial(convert, tensors, configs[name]), source, config_path)
+        state = _convert(describe(name), partial(convert, tensors, configs[name]), source, config_path)
+        for key in [k for k in tensors if k.startswith(layout.prefixes[name])]:
+            del tensors[key]  # the converted dict holds them now
         model = _load_into(
-            name,
+            describe(name),
             partial(model_class.from_config, configs[name]),
             state,
             on_meta=True,
@@ -748,46 +894,68 @@ def _load_single_file(
             config_path=config_path,
         )
         del state
-        built[name] = _finalize(model, device, dtype)
-    unet, vae = built["unet"], built["vae"]
+        built[name] = _finalize(
+            model, device, vae_dtype(model, dtype, architecture) if name == "vae" else dtype
+        )
 
-    text_config = CLIPTextConfig.from_dict(
-        {
-            k: v
-            for k, v in configs["text_encoder"].items()
-            if k not in ("architectures", "transformers_version")
-        }
-    )
-    text_encoder = CLIPTextModel(text_config)
-    text_state = _text_encoder_state_dict(
-        {k: v for k, v in tensors.items() if k.startswith(LDM_PREFIXES["text_encoder"])}, text_encoder
-    )
+    for name in ("text_encoder", "text_encoder_2"):
+        if name not in configs:
+            continue
+        config = configs[name]
+        text_config = CLIPTextConfig.from_dict(
+            {k: v for k, v in config.items() if k not in ("architectures", "transformers_version")}
+        )
+        with_projection = name == "text_encoder_2"
+        text_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+        with torch.device("meta"):  # the conversion needs only the config; the weights are adopted
+            text_encoder = text_class(text_config)
+        config_path = configs_root / name / "config.json"
+        state = _convert(
+            describe(name),
+            partial(
+                _text_encoder_state_dict,
+                tensors,
+                text_encoder,
+                prefix=layout.prefixes[name],
+                open_clip=architecture == "sd2" or with_projection,
+            ),
+            source,
+            config_path,
+        )
+        text_encoder = _load_into(
+            describe(name),
+            partial(text_class, text_config),
+            state,
+            on_meta=True,
+            source=source,
+            config_path=config_path,
+        )
+        del state
+        built[name] = _finalize(text_encoder, device, dtype)
     del tensors
-    text_encoder = _load_into(
-        "text_encoder",
-        lambda: text_encoder,
-        text_state,
-        on_meta=False,
-        source=source,
-        config_path=configs_root / "text_encoder" / "config.json",
-    )
-    del text_state
-    text_encoder = _finalize(text_encoder, device, dtype)
 
-    scheduler = _load_scheduler(configs["scheduler"], str(scheduler_path))
-    tokenizer_dir = configs_root / "tokenizer"
-    if config_dir is not None and tokenizer_dir.is_dir():
-        tokenizer = _load_folder_tokenizer(tokenizer_dir)
-    else:
-        tokenizer = load_clip_tokenizer()
+    scheduler = scheduler_from_config(
+        _with_prediction_type(configs["scheduler"], prediction_type), str(scheduler_path)
+    )
+    tokenizers = {}
+    for name, pad in (("tokenizer", "!" if architecture == "sd2" else CLIP_EOS), ("tokenizer_2", "!")):
+        encoder = built.get(name.replace("tokenizer", "text_encoder"))
+        if encoder is None:
+            continue
+        tokenizer_dir = configs_root / name
+        if config_dir is not None and tokenizer_dir.is_dir():
+            tokenizer = _load_folder_tokenizer(tokenizer_dir)
+        else:
+            tokenizer = load_clip_tokenizer(pad_token=pad)
+        tokenizers[name] = _fit_context(tokenizer, encoder)
 
     return StableDiffusionComponents(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=_fit_context(tokenizer, text_encoder),
+        unet=built["unet"],
+        vae=built["vae"],
+        text_encoder=built["text_encoder"],
+        tokenizer=tokenizers["tokenizer"],
         scheduler=scheduler,
-        architecture=layout.architecture,
+        architecture=architecture,
         source=source,
         model_hash=file_sha256([file])[:10],
         extra={
@@ -796,4 +964,17 @@ def _load_single_file(
             "config_dir": str(configs_root),
             "ignored_keys": len(layout.ignored_keys),
         },
+        text_encoder_2=built.get("text_encoder_2"),
+        tokenizer_2=tokenizers.get("tokenizer_2"),
+        force_zeros_for_empty_prompt=architecture == "sdxl"
+        and bool(_model_index_flag(configs_root, "force_zeros_for_empty_prompt", True)),
     )
+
+
+def _with_prediction_type(config: dict, prediction_type: str | None) -> dict:
+    return config if prediction_type is None else {**config, "prediction_type": prediction_type}
+
+
+def _model_index_flag(config_root: Path, key: str, default):
+    path = config_root / "model_index.json"
+    return _read_json(path, "model_index").get(key, default) if path.is_file() else default

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import ModelFormatError
 
 #: Architectures whose full diffusers-layout configs ship in ``models/configs/<id>/``.
-SHIPPED_ARCHITECTURES = ("sd15",)
+SHIPPED_ARCHITECTURES = ("sd15", "sd2", "sd2-base", "sdxl")
 
 
 def shipped_config_dir(architecture: str) -> Path:

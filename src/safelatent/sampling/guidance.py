@@ -37,6 +37,8 @@ class Guidance(Protocol):
     """What the loop needs from a guidance method.
 
     ``needs_uncond``: evaluate the unconditional (or negative-prompt) branch.
+    ``prediction_space`` (optional, default ``"any"``): ``"epsilon"`` asks the loop for ε whatever the model
+    predicts (:mod:`safelatent.sampling.prediction`); ``"any"`` suits methods that are affine-invariant.
     ``concepts``: extra texts, each evaluated as one more branch after the prompt branch.
     ``start`` returns the initial state for a run of ``num_inference_steps``; ``__call__`` maps the
     branch predictions of loop step ``step_index`` to one prediction and the next state.
@@ -153,6 +155,9 @@ class SafeLatentGuidance:
     config: SLDConfig
     concept: str
     needs_uncond: bool = True
+    #: SLD's threshold and scale are element-wise on ε differences (tuned on SD 1.4): v-prediction and
+    #: x_0 models are guided in ε and converted back by the loop
+    prediction_space: str = "epsilon"
 
     @property
     def concepts(self) -> tuple[str, ...]:

@@ -4,6 +4,11 @@ Per step: stack the latents once per branch, call the UNet once on the whole bat
 predictions by branch, hand them to a guidance object (:mod:`safelatent.sampling.guidance`), step the
 scheduler. The loop knows nothing about SLD or CFG; any diffusers scheduler works (its ``eta`` and
 ``generator`` arguments are passed when its ``step`` accepts them, as diffusers' pipelines do).
+
+A guidance object whose ``prediction_space`` is ``"epsilon"`` (SLD) gets ε whatever the model predicts:
+v-prediction (SD 2.x 768) and x_0 outputs are converted before guidance and back after it
+(:mod:`safelatent.sampling.prediction`). SDXL's pooled embeddings and micro-conditioning go to the UNet as
+``added_cond_kwargs``, one row per branch (:meth:`Conditioning.added_conditions`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .conditioning import Conditioning
 from .guidance import BranchPredictions, Guidance
+from .prediction import alpha_bar_at, check_convertible, from_epsilon, prediction_type_of, to_epsilon
 
 #: ``callback(step_index, timestep, latents)`` after every scheduler step.
 StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -93,7 +99,14 @@ def sample(
     else:
         latents = latents.to(device=device, dtype=dtype)
     encoder_hidden_states = torch.cat(branches).to(device=device, dtype=dtype)
+    added = conditioning.added_conditions(device, dtype)
+    unet_kwargs = {"added_cond_kwargs": added} if added is not None else {}
     step_kwargs = _step_kwargs(scheduler, generator, eta)
+    prediction_type = prediction_type_of(scheduler)
+    alpha_bars = None
+    if getattr(guidance, "prediction_space", "any") == "epsilon" and prediction_type != "epsilon":
+        alpha_bars = [alpha_bar_at(scheduler, i, t) for i, t in enumerate(timesteps)]
+        check_convertible(alpha_bars, prediction_type)
     state = guidance.start(num_inference_steps)
     n_branches = len(branches)
     with _progress(progress) as bar:
@@ -106,8 +119,12 @@ def sample(
                 unet_timesteps[step_index],
                 encoder_hidden_states=encoder_hidden_states,
                 return_dict=False,
+                **unet_kwargs,
             )[0]
             split = noise.chunk(n_branches)
+            if alpha_bars is not None:
+                x_t = model_input[: latents.shape[0]]
+                split = [to_epsilon(part, x_t, alpha_bars[step_index], prediction_type) for part in split]
             offset = int(guidance.needs_uncond)
             preds = BranchPredictions(
                 uncond=split[0] if guidance.needs_uncond else None,
@@ -115,6 +132,8 @@ def sample(
                 concepts=tuple(split[offset + 1 :]),
             )
             eps, state = guidance(preds, state, step_index)
+            if alpha_bars is not None:
+                eps = from_epsilon(eps, x_t, alpha_bars[step_index], prediction_type).to(noise.dtype)
             latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
             if callback is not None:
                 callback(step_index, t, latents)

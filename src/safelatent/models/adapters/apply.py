@@ -2,7 +2,8 @@
 
 Each adapted layer computes ``h = W0·x + Σ_i w_i·(α_i/r_i)·B_i·A_i·x`` (LoRA, Hu et al. 2021, arXiv
 2106.09685; ``w_i`` the per-adapter weight of a stack). The layers are peft's: the UNet gets them through
-diffusers' ``UNet2DConditionModel.load_lora_adapter``, the CLIP text encoder through transformers'
+diffusers' ``UNet2DConditionModel.load_lora_adapter``, the CLIP text encoders (SDXL's second one,
+``text_encoder_2``, as ``StableDiffusionXLLoraLoaderMixin.load_lora_weights`` does) through transformers'
 ``load_adapter`` (the call diffusers' ``_load_lora_into_text_encoder`` makes after re-deriving key names,
 a step :mod:`.formats` has already done and that diffusers cannot do for an adapter of MLP layers only);
 weights are set with diffusers' ``set_adapters`` / ``set_adapters_for_text_encoder``; fusing with
@@ -93,10 +94,24 @@ def _transformers_warnings_off():
 
 
 class LoraStack:
-    """The LoRA adapters applied to one model's UNet and text encoder."""
+    """The LoRA adapters applied to one model's UNet and text encoder(s).
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module, *, architecture: str = "sd15") -> None:
+    ``text_encoder_2``: SDXL's second text encoder (``CLIPTextModelWithProjection``); adapters with
+    ``text_encoder_2`` layers (kohya ``lora_te2_…``) are injected there, and setting, fusing, unfusing and
+    removing cover it like the other components. Without it such adapters are refused as made for SDXL.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        *,
+        text_encoder_2: nn.Module | None = None,
+        architecture: str = "sd15",
+    ) -> None:
         self._models: dict[str, nn.Module] = {"unet": unet, "text_encoder": text_encoder}
+        if text_encoder_2 is not None:
+            self._models["text_encoder_2"] = text_encoder_2
         self._architecture = architecture
         self._active: list[ActiveLora] = []
         self._originals: dict[tuple[str, str], torch.Tensor] | None = None
@@ -121,9 +136,16 @@ class LoraStack:
         if isinstance(specs, str | os.PathLike | LoraSpec):
             specs = [specs]
         parsed = [LoraSpec.coerce(spec) for spec in specs]
+        # kohya's sgm block numbers count in this UNet's layers_per_block (diffusers' load_lora_weights
+        # passes unet_config=self.unet.config the same way)
+        unet_config = getattr(self._models["unet"], "config", None)
         with offline_mode():
             plans = [
-                plan_injection(read_lora(spec.path), self._models, architecture=self._architecture)
+                plan_injection(
+                    read_lora(spec.path, unet_config=unet_config),
+                    self._models,
+                    architecture=self._architecture,
+                )
                 for spec in parsed
             ]
         was_fused = self.fused
@@ -173,7 +195,7 @@ class LoraStack:
     def _inject(self, plan: InjectionPlan, adapter_name: str) -> None:
         from peft import LoraConfig
 
-        for component in COMPONENTS:  # the UNet first, then the text encoder
+        for component in COMPONENTS:  # the UNet first, then the text encoder(s)
             if component not in plan.components:
                 continue
             part, model = plan.components[component], self._models[component]

@@ -4,26 +4,34 @@ LoRA (Hu et al. 2021, *LoRA: Low-Rank Adaptation of Large Language Models*, arXi
 layer with weight ``W0`` as ``h = W0·x + (α/r)·B·A·x``: ``A`` (``r × in``, "down") and ``B``
 (``out × r``, "up"), rank ``r``, scale ``α``. Three file layouts are read:
 
-* **diffusers / peft** — what ``StableDiffusionLoraLoaderMixin.save_lora_weights`` writes
-  (``pytorch_lora_weights.safetensors``): ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` and
-  ``text_encoder.<module>…``; older diffusers files (``…processor.to_q_lora.down.weight``,
+* **diffusers / peft** — what ``StableDiffusionLoraLoaderMixin.save_lora_weights`` (and, for SDXL,
+  ``StableDiffusionXLLoraLoaderMixin.save_lora_weights``) writes (``pytorch_lora_weights.safetensors``):
+  ``unet.<module>.lora_A.weight`` / ``.lora_B.weight``, ``text_encoder.<module>…`` and SDXL's
+  ``text_encoder_2.<module>…``; older diffusers files (``…processor.to_q_lora.down.weight``,
   ``…lora_linear_layer.up.weight``) too. ``α`` per module comes from the ``lora_adapter_metadata`` header
   entry (diffusers ≥ 0.35 writes each component's peft ``LoraConfig`` there: ``lora_alpha``,
   ``alpha_pattern``, ``use_rslora``); without it ``α = r`` (diffusers' convention: ``B·A`` is the delta).
-* **kohya** (sd-scripts; what A1111, ComfyUI and Civitai use) for SD 1.x —
+* **kohya** (sd-scripts; what A1111, ComfyUI and Civitai use) —
   ``lora_unet_<module_with_underscores>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (a scalar
-  per module; ``α = r`` when absent) and ``lora_te_`` (or ``lora_te1_``) for the text encoder.
+  per module; ``α = r`` when absent), ``lora_te_`` (or ``lora_te1_``) for the (first) text encoder and,
+  for SDXL, ``lora_te2_`` for ``text_encoder_2``. UNet modules are named after diffusers' UNet
+  (``lora_unet_down_blocks_1_attentions_0_…``, what sd-scripts writes for SD 1.x/2.x) or after the
+  original sgm/LDM UNet that sd-scripts trains SDXL on (``lora_unet_input_blocks_4_1_…``,
+  ``lora_unet_middle_block_1_…``, ``lora_unet_output_blocks_0_1_…``, ``lora_unet_label_emb_0_0``).
 * **safelatent** — the diffusers/peft layout plus a ``safelatent`` JSON entry in the safetensors header
   (``trigger_words``, ``rank``, ``alpha``, ``base_model_hash``, …); ``α`` from ``lora_adapter_metadata``
   as above, else the entry's ``alpha``. :func:`save_lora` writes it.
 
-Key names are converted by diffusers' own functions — ``StableDiffusionLoraLoaderMixin.lora_state_dict``
-(kohya → diffusers, via ``_convert_non_diffusers_lora_to_diffusers``), ``convert_unet_state_dict_to_peft``
-and ``convert_state_dict_to_peft`` — module by module, so every converted module remembers the file key
-it came from (errors name the file's keys). ``α`` is resolved here per module with peft's own pattern
-rule (``peft.utils.other.get_pattern_key``) rather than by diffusers' ``get_peft_kwargs``, whose
-``alpha_pattern`` for kohya attention layers names no module (``…processor.to_q_lora.down.weight``) when
-alphas differ between modules.
+Key names are converted by diffusers' own functions — ``StableDiffusionXLLoraLoaderMixin.lora_state_dict``
+(kohya → diffusers: sgm block names via ``_maybe_map_sgm_blocks_to_diffusers``, given the UNet's
+``layers_per_block``, then ``_convert_non_diffusers_lora_to_diffusers``; for files without sgm names the
+same conversion as ``StableDiffusionLoraLoaderMixin.lora_state_dict``), ``convert_unet_state_dict_to_peft``
+and ``convert_state_dict_to_peft`` — module by module (one kohya module per call, so a file that mixes
+sgm and diffusers block names keeps every module, where diffusers' whole-file call drops the sgm ones),
+so every converted module remembers the file key it came from (errors name the file's keys). ``α`` is
+resolved here per module with peft's own pattern rule (``peft.utils.other.get_pattern_key``) rather than
+by diffusers' ``get_peft_kwargs``, whose ``alpha_pattern`` for kohya attention layers names no module
+(``…processor.to_q_lora.down.weight``) when alphas differ between modules.
 
 Files are local paths only. ``.safetensors`` is preferred; ``.pt``/``.bin``/``.pth``/``.ckpt`` are read only
 with ``torch.load(weights_only=True)`` — a pickle that needs more is refused, never unpickled.
@@ -65,8 +73,11 @@ __all__ = [
 ]
 
 FORMATS = ("diffusers", "kohya", "safelatent")
-#: The SD 1.x components a LoRA can adapt, as key prefixes of the canonical layout.
-COMPONENTS = ("unet", "text_encoder")
+#: The components a LoRA can adapt, as key prefixes of the canonical layout (``text_encoder_2``: SDXL's
+#: second text encoder, OpenCLIP bigG as transformers' ``CLIPTextModelWithProjection``).
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: Text-encoder modules outside ``text_model.``: the projection of ``CLIPTextModelWithProjection``.
+_TEXT_TOP_LEVEL = ("text_model.", "text_projection.")
 #: Header entry with diffusers' per-component peft ``LoraConfig`` (``save_lora_weights(..._metadata=)``).
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 #: Header entry (JSON) that marks a safelatent file: trigger words, rank, alpha, base model hash, ...
@@ -75,18 +86,22 @@ SAFELATENT_METADATA_KEY = "safelatent"
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")
+_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 _KOHYA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
-_UNET_TOP_LEVEL = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding.")
+_UNET_TOP_LEVEL = (
+    "down_blocks.",
+    "mid_block.",
+    "up_blocks.",
+    "conv_in.",
+    "conv_out.",
+    "time_embedding.",
+    "add_embedding.",
+)
+#: ``layers_per_block`` of the UNet that kohya's sgm block names (``input_blocks_<i>``) count in when no
+#: model config is given: SDXL base and refiner (sd-scripts writes sgm names for SDXL only).
+SGM_LAYERS_PER_BLOCK = 2
 #: Key fragments of other model families: (fragment, what it means).
 _FOREIGN = (
-    ("lora_te2_", "Stable Diffusion XL (a second text encoder)"),
-    ("text_encoder_2.", "Stable Diffusion XL (a second text encoder)"),
-    ("add_embedding", "Stable Diffusion XL (added-conditioning embedding)"),
-    ("label_emb", "Stable Diffusion XL (added-conditioning embedding)"),
-    ("input_blocks", "Stable Diffusion XL (SGM UNet block names)"),
-    ("output_blocks", "Stable Diffusion XL (SGM UNet block names)"),
-    ("middle_block", "Stable Diffusion XL (SGM UNet block names)"),
     ("transformer.", "a transformer-based model (SD 3, Flux, ...)"),
     ("lora_transformer_", "a transformer-based model (SD 3, Flux, ...)"),
     ("double_blocks", "Flux"),
@@ -108,8 +123,9 @@ class LoraFile:
     """One LoRA file, read and converted to the canonical layout.
 
     ``state_dict`` keys are ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight`` with component
-    ``unet`` or ``text_encoder`` and diffusers' ``UNet2DConditionModel`` / transformers' ``CLIPTextModel``
-    module names (text-encoder names as in the file, usually starting ``text_model.``).
+    ``unet``, ``text_encoder`` or (SDXL) ``text_encoder_2`` and diffusers' ``UNet2DConditionModel`` /
+    transformers' ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` module names (text-encoder names as in
+    the file, usually starting ``text_model.``).
     ``network_alphas`` maps every ``<component>.<module>`` to its ``α`` (so the module's scale is
     ``α / r`` with ``r = lora_A.shape[0]``). ``metadata`` is the safetensors header (``__metadata__``,
     without ``format``); ``info`` the parsed ``safelatent`` entry (empty for other formats); ``hash`` the
@@ -168,12 +184,15 @@ class LoraFile:
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | os.PathLike) -> LoraFile:
+def read_lora(path: str | os.PathLike, *, unet_config: Any = None) -> LoraFile:
     """Read a local LoRA file (or a folder holding ``pytorch_lora_weights.safetensors``).
 
     Detects the layout (``diffusers``, ``kohya``, ``safelatent``), converts it to the canonical layout of
     :class:`LoraFile` and checks what needs no model: known layout and architecture, every ``lora_A``
-    paired with a ``lora_B`` of the same rank, finite values. Raises :class:`ModelNotFoundError`,
+    paired with a ``lora_B`` of the same rank, finite values. ``unet_config`` (anything with an int
+    ``layers_per_block``, e.g. the UNet's ``config``, as diffusers' ``load_lora_weights`` passes it) says
+    how kohya's sgm block numbers (``input_blocks_<i>``) map to diffusers' blocks; default
+    :data:`SGM_LAYERS_PER_BLOCK` (SDXL). Raises :class:`ModelNotFoundError`,
     :class:`ModelFormatError` (unreadable file, unknown layout, another architecture),
     :class:`~safelatent.errors.UnsafeCheckpointError` and :class:`InvalidWeightsError` (NaN/inf, ranks),
     each naming the file and its first offending keys.
@@ -185,7 +204,7 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     info = _safelatent_info(header, where)
     if all(key.startswith(_KOHYA_PREFIXES) for key in tensors):
         fmt = "kohya"
-        state_dict, alphas, origin = _from_kohya(tensors, where)
+        state_dict, alphas, origin = _from_kohya(tensors, where, _sgm_config(unet_config))
     else:
         fmt = "safelatent" if SAFELATENT_METADATA_KEY in header else "diffusers"
         state_dict, origin = _from_diffusers(tensors, where)
@@ -288,8 +307,9 @@ def _check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
     if foreign:
         family = next(iter(foreign.values()))
         raise ModelFormatError(
-            f"LoRA {where} is an adapter for {family}, not Stable Diffusion 1.x (keys {_first(foreign)})",
-            "use a LoRA trained for Stable Diffusion 1.x (SD 1.4/1.5 and their fine-tunes)",
+            f"LoRA {where} is an adapter for {family}, not Stable Diffusion 1.x, 2.x or XL "
+            f"(keys {_first(foreign)})",
+            "use a LoRA trained for the Stable Diffusion model you loaded (SD 1.x, SD 2.x or SDXL)",
         )
     for fragment, kind in _UNSUPPORTED:
         hits = [key for key in tensors if fragment in key]
@@ -303,8 +323,8 @@ def _check_layout(tensors: Mapping[str, torch.Tensor], where: str) -> None:
 def _unknown_keys_error(where: str, keys, why: str) -> ModelFormatError:
     return ModelFormatError(
         f"LoRA {where} has {len(list(keys))} key(s) {why}: {_first(keys)}",
-        "pass a LoRA for Stable Diffusion 1.x in the diffusers/peft (unet.…lora_A.weight) or kohya "
-        "(lora_unet_…lora_down.weight) layout",
+        "pass a LoRA for Stable Diffusion (1.x, 2.x or XL) in the diffusers/peft (unet.…lora_A.weight) or "
+        "kohya (lora_unet_…lora_down.weight) layout",
     )
 
 
@@ -320,9 +340,10 @@ def _peft_key(component: str, key: str) -> str:
         return next(iter(convert_unet_state_dict_to_peft({key: None})))
     if ".lora_A." in key or ".lora_B." in key:
         return key
-    # The text-encoder table of old diffusers files (``to_q_lora``) also maps ``lora_linear_layer``.
-    converted = convert_state_dict_to_peft({key: None}, original_type=StateDictType.DIFFUSERS_OLD)
-    return next(iter(converted))
+    # The text-encoder table of old diffusers files (``to_q_lora``) also maps ``lora_linear_layer``; the
+    # newer table maps ``text_projection.lora.down`` (what kohya's ``lora_te2_text_projection`` becomes).
+    converted = next(iter(convert_state_dict_to_peft({key: None}, original_type=StateDictType.DIFFUSERS_OLD)))
+    return next(iter(convert_state_dict_to_peft({converted: None}, original_type=StateDictType.DIFFUSERS)))
 
 
 def _from_diffusers(
@@ -337,7 +358,7 @@ def _from_diffusers(
         origin_of = {key: key for key in tensors}
     unknown = [key for key in tensors if key.split(".", 1)[0] not in COMPONENTS]
     if unknown:
-        raise _unknown_keys_error(where, unknown, "outside the unet/text_encoder components of SD 1.x")
+        raise _unknown_keys_error(where, unknown, "outside the unet/text_encoder/text_encoder_2 components")
     state_dict: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
     for key, value in tensors.items():
@@ -356,11 +377,28 @@ def _from_diffusers(
     return state_dict, origin
 
 
+def _sgm_config(unet_config: Any) -> Any:
+    """What ``_maybe_map_sgm_blocks_to_diffusers`` reads of a UNet config (``layers_per_block``)."""
+    from types import SimpleNamespace
+
+    layers = getattr(unet_config, "layers_per_block", None)
+    if layers is None and isinstance(unet_config, Mapping):
+        layers = unet_config.get("layers_per_block")
+    if isinstance(layers, bool) or not isinstance(layers, int):
+        layers = SGM_LAYERS_PER_BLOCK  # per-block lists exist only in UNets kohya does not train
+    return SimpleNamespace(layers_per_block=layers)
+
+
 def _from_kohya(
-    tensors: Mapping[str, torch.Tensor], where: str
+    tensors: Mapping[str, torch.Tensor], where: str, unet_config: Any
 ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, str]]:
-    """kohya keys → canonical keys, per-module ``α`` (``.alpha``, else the rank), canonical → file key."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    """kohya keys → canonical keys, per-module ``α`` (``.alpha``, else the rank), canonical → file key.
+
+    One ``StableDiffusionXLLoraLoaderMixin.lora_state_dict`` call per module: sgm block names
+    (``input_blocks_4_1_…``) are mapped by ``_maybe_map_sgm_blocks_to_diffusers(…, unet_config)``, then
+    ``_convert_non_diffusers_lora_to_diffusers`` names the module (``lora_te2_`` → ``text_encoder_2.``).
+    """
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
@@ -381,15 +419,34 @@ def _from_kohya(
     origin: dict[str, str] = {}
     for name, parts in groups.items():
         down_key, up_key = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
-        converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            {down_key: parts["lora_down.weight"], up_key: parts["lora_up.weight"]}
-        )
+        try:
+            converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+                {down_key: parts["lora_down.weight"], up_key: parts["lora_up.weight"]},
+                unet_config=unet_config,
+            )
+        except (ValueError, KeyError, IndexError) as error:  # e.g. "Invalid middle block id 3."
+            raise _unknown_keys_error(
+                where, [down_key], f"that diffusers cannot map to a layer ({first_line(error)})"
+            ) from None
+        pair_keys = {}
         for key, value in converted.items():
             component, rest = key.split(".", 1)
             canonical = f"{component}.{_peft_key(component, rest)}"
+            if component not in COMPONENTS or not canonical.endswith((_A, _B)):
+                raise _unknown_keys_error(where, [down_key], f"that convert to no single layer ({key!r})")
+            if canonical in state_dict:  # e.g. the same layer under its sgm and its diffusers name
+                raise ModelFormatError(
+                    f"LoRA {where} has two keys for one weight: {origin[canonical]!r} and "
+                    f"{down_key if canonical.endswith(_A) else up_key!r}",
+                    "the file is inconsistent; re-export it",
+                )
+            pair_keys[canonical] = value
+        if sorted(key[-len(_A) :] for key in pair_keys) != sorted((_A, _B)):
+            raise _unknown_keys_error(where, [down_key], "that convert to no single layer")
+        for canonical, value in pair_keys.items():
             state_dict[canonical] = value
             origin[canonical] = down_key if canonical.endswith(_A) else up_key
-        module = next(key for key in origin if origin[key] == down_key)[: -len(_A)]
+        module = next(key for key in pair_keys if key.endswith(_A))[: -len(_A)]
         rank = int(parts["lora_down.weight"].shape[0])
         alpha = parts.get("alpha")
         if alpha is not None and alpha.numel() != 1:
@@ -549,8 +606,10 @@ def save_lora(
 ) -> Path:
     """Write a LoRA in the diffusers/peft layout — the safelatent format when ``info`` is given.
 
-    ``state_dict``: canonical keys (``unet.<module>.lora_A.weight``, ``text_encoder.<module>…``; text
-    encoder modules are written with the ``text_model.`` prefix that diffusers and A1111 converters expect).
+    ``state_dict``: canonical keys (``unet.<module>.lora_A.weight``, ``text_encoder.<module>…`` and SDXL's
+    ``text_encoder_2.<module>…``, the layout of ``StableDiffusionXLLoraLoaderMixin.save_lora_weights``; text
+    encoder modules are written with the ``text_model.`` prefix that diffusers and A1111 converters expect,
+    except ``CLIPTextModelWithProjection``'s top-level ``text_projection``).
     ``configs``: per component, its peft ``LoraConfig`` (or ``LoraConfig.to_dict()``), stored like
     ``save_lora_weights(..., unet_lora_adapter_metadata=...)`` does in ``lora_adapter_metadata`` so ``α``
     per module is kept. ``info``: the ``safelatent`` entry (e.g. ``trigger_words``, ``rank``, ``alpha``,
@@ -561,13 +620,14 @@ def save_lora(
     path = Path(path)
     tensors = {}
     for key, value in state_dict.items():
-        component = key.split(".", 1)[0]
+        component, _, rest = key.partition(".")
         if component not in COMPONENTS or not key.endswith((_A, _B)):
             raise ModelFormatError(
-                f"cannot save key {key!r}", "keys must be unet.<module>.lora_A|B.weight or text_encoder.…"
+                f"cannot save key {key!r}",
+                "keys must be unet.<module>.lora_A|B.weight, text_encoder.… or text_encoder_2.…",
             )
-        if component == "text_encoder" and not key.startswith("text_encoder.text_model."):
-            key = "text_encoder.text_model." + key.removeprefix("text_encoder.")
+        if component != "unet" and not rest.startswith(_TEXT_TOP_LEVEL):
+            key = f"{component}.text_model.{rest}"
         tensors[key] = value.detach().contiguous().cpu()
     header = {"format": "pt"}
     if configs:

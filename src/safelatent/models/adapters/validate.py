@@ -5,6 +5,10 @@ and the peft ``LoraConfig`` arguments that reproduce each module's rank ``r`` an
 (``h = W0·x + (α/r)·B·A·x``, Hu et al. 2021, arXiv 2106.09685). Modules whose rank or ``α`` differ from the
 most common one get anchored ``rank_pattern`` / ``alpha_pattern`` entries (``^<escaped module name>``),
 which peft's ``get_pattern_key`` matches against that module only. Nothing here changes a model.
+
+A file that adapts ``text_encoder_2`` (kohya ``lora_te2_…``, diffusers ``text_encoder_2.…``; see
+``StableDiffusionXLLoraLoaderMixin``) was made for Stable Diffusion XL: on a model without a second text
+encoder it is refused as such before any layer is compared.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ _PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_embedding
 #: Cross-attention (context) widths of the Stable Diffusion families: what an adapter's to_k/to_v take.
 _CONTEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 2048: "Stable Diffusion XL"}
 _TEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}
+#: SDXL's second text encoder (OpenCLIP bigG) is 1280 wide.
+_TEXT_2_WIDTHS = {1280: "Stable Diffusion XL"}
+#: Architecture ids (``safelatent.models.shipped.SHIPPED_ARCHITECTURES``) → the family name errors use.
+_FAMILIES = {
+    "sd15": "Stable Diffusion 1.x",
+    "sd2": "Stable Diffusion 2.x",
+    "sd2-base": "Stable Diffusion 2.x",
+    "sdxl": "Stable Diffusion XL",
+}
 
 
 @dataclass(frozen=True)
@@ -82,7 +95,29 @@ def _family_of(key: str, down_shape: tuple[int, ...], component: str) -> str | N
         return _CONTEXT_WIDTHS.get(down_shape[1])
     if component == "text_encoder" and re.search(r"self_attn\.q_proj$", key) and len(down_shape) == 2:
         return _TEXT_WIDTHS.get(down_shape[1])
+    if component == "text_encoder_2" and re.search(r"self_attn\.q_proj$", key) and len(down_shape) == 2:
+        return _TEXT_2_WIDTHS.get(down_shape[1])
     return None
+
+
+def _model_words(architecture: str) -> str:
+    """``"sdxl (Stable Diffusion XL)"`` for error messages; the id alone when it is not a known one."""
+    family = _FAMILIES.get(architecture)
+    return f"{architecture} ({family})" if family else architecture
+
+
+def _check_second_text_encoder(lora: LoraFile, models: Mapping[str, nn.Module], architecture: str) -> None:
+    """A file adapting ``text_encoder_2`` on a model without it: made for SDXL, say so."""
+    if "text_encoder_2" in models:
+        return
+    keys = [repr(lora.source_key(m)) for m in lora.modules if m.split(".", 1)[0] == "text_encoder_2"]
+    if keys:
+        raise ModelFormatError(
+            f"LoRA {lora.path.name} was made for Stable Diffusion XL: {len(keys)} of {len(lora.modules)} "
+            f"adapted layers belong to SDXL's second text encoder (text_encoder_2), which this "
+            f"{_model_words(architecture)} model does not have ({_first(keys)})",
+            "use a LoRA trained for the model you loaded, or load an SDXL model for this LoRA",
+        )
 
 
 def _first(items, n: int = 3) -> str:
@@ -106,14 +141,19 @@ def _config(targets: list[str], ranks: Mapping[str, int], alphas: Mapping[str, f
 def plan_injection(
     lora: LoraFile, models: Mapping[str, nn.Module], *, architecture: str = "sd15"
 ) -> InjectionPlan:
-    """Check every module of ``lora`` against ``models`` (``{"unet": …, "text_encoder": …}``) and build the
-    injection plan; raise ONE error naming the file and its first mismatching keys.
+    """Check every module of ``lora`` against ``models`` (``{"unet": …, "text_encoder": …}``, plus
+    ``"text_encoder_2"`` for SDXL) and build the injection plan; raise ONE error naming the file and its
+    first mismatching keys.
 
-    :class:`ModelFormatError`: keys that name no Linear/Conv2d layer of the model, or shapes that point to
-    another model family (an SD 2.x or SDXL cross-attention width). :class:`InvalidWeightsError`: other
-    shapes that do not fit.
+    :class:`ModelFormatError`: an SDXL file (``text_encoder_2`` layers) on a model without a second text
+    encoder, keys that name no Linear/Conv2d layer of the model, or shapes that point to another model
+    family (an SD 1.x, SD 2.x or SDXL cross-attention / text-encoder width). :class:`InvalidWeightsError`:
+    other shapes that do not fit.
     """
     where = lora.path.name
+    _check_second_text_encoder(lora, models, architecture)
+    words = _model_words(architecture)
+    wanted = _FAMILIES.get(architecture, architecture)
     module_maps = {component: dict(model.named_modules()) for component, model in models.items()}
     unknown: list[str] = []
     misfit: list[str] = []
@@ -153,20 +193,19 @@ def plan_injection(
         family = families.most_common(1)[0][0]
         raise ModelFormatError(
             f"LoRA {where} was trained for {family}: {len(misfit)} of {total} layers have other widths than "
-            f"this {architecture} model ({_first(misfit)})",
-            "use a LoRA trained for the same base model family as the model you loaded",
+            f"this {words} model ({_first(misfit)})",
+            f"use a LoRA trained for the same base model family as the model you loaded ({wanted})",
         )
     if unknown:
         extra = f"; {len(misfit)} more do not fit in shape" if misfit else ""
         raise ModelFormatError(
-            f"LoRA {where}: {len(unknown)} of {total} adapted layers name no layer of this {architecture} "
+            f"LoRA {where}: {len(unknown)} of {total} adapted layers name no layer of this {words} "
             f"model ({_first(unknown)}){extra}",
-            "the adapter was made for another architecture (or is damaged): use a LoRA trained for "
-            "Stable Diffusion 1.x",
+            f"the adapter was made for another architecture (or is damaged): use a LoRA trained for {wanted}",
         )
     if misfit:
         raise InvalidWeightsError(
-            f"LoRA {where}: {len(misfit)} of {total} adapted layers do not fit this {architecture} model "
+            f"LoRA {where}: {len(misfit)} of {total} adapted layers do not fit this {words} model "
             f"({_first(misfit)})",
             "the adapter was trained for a model with other layer widths: use one made for this base model",
         )
