@@ -200,3 +200,25 @@ def test_full_size_sdxl_single_file_fp16_loads_offline(tmp_path, block_network):
     assert loaded.unet.dtype == torch.float16 and loaded.text_encoder_2.dtype == torch.float16
     assert loaded.vae.dtype == torch.float32  # force_upcast: decoded in fp32
     assert loaded.unet.config.addition_embed_type == "text_time" and loaded.force_zeros_for_empty_prompt
+    assert Pipeline(loaded).default_size == 1024  # generation and the I2P runner default to 1024²
+
+
+def test_generate_cli_takes_prediction_type_and_vae(tmp_path, block_network):
+    from typer.testing import CliRunner
+
+    from safelatent.cli import app
+
+    parts = build_tiny_sd("sd2", seed=1)
+    path = write_ldm_checkpoint(
+        tmp_path / "sd2.safetensors", parts["unet"], parts["vae"], parts["text_encoder"], architecture="sd2"
+    )
+    configs = write_tiny_config_dir(tmp_path / "configs", "sd2")
+    parts["vae"].save_pretrained(tmp_path / "vae")
+    args = ["generate", "a lighthouse", "--model", str(path), "--config", str(configs), "--steps", "2"]
+    args += ["--seed", "1", "--out", str(tmp_path / "out"), "--device", "cpu", "-q", "--policy", "evaluation"]
+    result = CliRunner().invoke(app, [*args, "--prediction-type", "epsilon", "--vae", str(tmp_path / "vae")])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "out").glob("*.png"))) == 1
+    result = CliRunner().invoke(app, [*args, "--prediction-type", "x0"])
+    assert result.exit_code == 2 and "x0" in result.output
+    assert block_network == []

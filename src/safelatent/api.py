@@ -152,8 +152,11 @@ def load(
     loras: Sequence[LoraSpec | str | os.PathLike] | None = None,
     compile: bool | None = None,
     policy: Policy | str | os.PathLike | None = None,
+    prediction_type: str | None = None,
+    vae: str | Path | None = None,
 ) -> Pipeline:
-    """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file).
+    """Load a local Stable Diffusion model (a diffusers folder, or one ``.safetensors``/``.ckpt`` file) —
+    SD 1.x, SD 2.x (ε or v-prediction) or SDXL base.
 
     Nothing is downloaded. With no ``model``, the toy model that ships in the package is loaded (through
     the same loader). ``device`` defaults to CUDA when available; ``dtype`` to float16 on CUDA and
@@ -164,6 +167,9 @@ def load(
     ``policy``: the prompt policy every :meth:`Pipeline.generate` call goes through (a
     :class:`~safelatent.safety.policy_file.Policy`, a TOML path, or a shipped name: ``default``,
     ``artist``, ``evaluation``); ``None`` is ``default``. Hard blocks apply under every policy.
+    ``prediction_type`` and ``vae`` are passed to :func:`~safelatent.models.loading.load_components`
+    (an SD 2.x single file is taken as the 768-px v model unless ``prediction_type="epsilon"``; ``vae``
+    is a diffusers VAE folder, e.g. an fp16-safe SDXL VAE).
     """
     from .models.loading import load_components
     from .toy.model import toy_model_dir
@@ -179,7 +185,9 @@ def load(
     device = device or default_device()
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    components = load_components(model, device=device, dtype=dtype, config_dir=config_dir)
+    components = load_components(
+        model, device=device, dtype=dtype, config_dir=config_dir, prediction_type=prediction_type, vae=vae
+    )
     pipe = Pipeline(components, policy=policy)
     if loras:
         pipe.set_loras(loras)

@@ -129,6 +129,12 @@ def _dtype(choice: DtypeChoice):
     }[choice]
 
 
+class PredictionChoice(StrEnum):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+    sample = "sample"
+
+
 @app.command()
 @user_errors
 def generate(
@@ -146,8 +152,19 @@ def generate(
         typer.Option(
             "--config",
             help="Diffusers-layout config folder for a single-file checkpoint whose shapes differ from the"
-            " shipped SD 1.5 configs.",
+            " shipped SD 1.x / 2.x / XL configs.",
         ),
+    ] = None,
+    prediction_type: Annotated[
+        PredictionChoice | None,
+        typer.Option(
+            help="What the model predicts, overriding its scheduler config. An SD 2.x single file is read as"
+            " the 768-px v-prediction model unless this says epsilon (the 512-px base model).",
+        ),
+    ] = None,
+    vae: Annotated[
+        Path | None,
+        typer.Option(help="Replace the VAE with a diffusers VAE folder (e.g. an fp16-safe SDXL VAE)."),
     ] = None,
     lora: Annotated[
         list[str] | None,
@@ -249,6 +266,8 @@ def generate(
             config_dir=config,
             compile=compile_unet,
             policy=policy,
+            prediction_type=prediction_type.value if prediction_type else None,
+            vae=vae,
         )
         if lora:
             pipe.set_loras(lora, fuse=fuse_lora)

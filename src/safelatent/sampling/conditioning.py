@@ -16,6 +16,7 @@ branch on SDXL carries both encoders' states and its own pooled embedding.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -89,13 +90,18 @@ def sdxl_time_ids(
 
 @torch.inference_mode()
 def encode_texts(tokenizer, text_encoder, texts: list[str], *, what: str = "prompt", hidden_layer=None):
-    """Encode ``texts`` with one CLIP text encoder; warn for each truncated text.
+    """Encode ``texts`` with one CLIP text encoder (inference mode); warn for each truncated text.
 
     Returns ``(hidden, pooled, messages)``: ``hidden`` ``[len(texts), context, d]`` is the last hidden
     state (``hidden_layer=None``) or ``hidden_states[hidden_layer]`` (SDXL: ``-2``); ``pooled`` is the
     encoder's 2-D first output (``CLIPTextModelWithProjection``'s projected ``text_embeds``) or ``None``;
     ``messages`` describe what was cut.
     """
+    return run_text_encoder(tokenizer, text_encoder, texts, what=what, hidden_layer=hidden_layer)
+
+
+def run_text_encoder(tokenizer, text_encoder, texts: list[str], *, what: str = "prompt", hidden_layer=None):
+    """:func:`encode_texts` in the caller's autograd mode (training a text encoder needs gradients)."""
     tokens = tokenize_prompts(tokenizer, texts)
     messages = []
     for text, cut in zip(texts, tokens.cut, strict=True):
@@ -144,10 +150,15 @@ class PromptEncoder:
     def pooled(self) -> bool:
         return len(self.text_encoders) > 1
 
-    def encode(self, texts: list[str], *, what: str = "prompt"):
-        """``(hidden, pooled, messages)`` for ``texts`` (``pooled`` is ``None`` for SD 1.x/2.x)."""
+    def encode(self, texts: list[str], *, what: str = "prompt", grad: bool = False):
+        """``(hidden, pooled, messages)`` for ``texts`` (``pooled`` is ``None`` for SD 1.x/2.x); in
+        inference mode unless ``grad``."""
+        with contextlib.nullcontext() if grad else torch.inference_mode():
+            return self._encode(texts, what)
+
+    def _encode(self, texts: list[str], what: str):
         if not self.pooled:
-            return encode_texts(self.tokenizers[0], self.text_encoders[0], texts, what=what)
+            return run_text_encoder(self.tokenizers[0], self.text_encoders[0], texts, what=what)
         hiddens, pooled, messages = [], None, []
         for index, (tokenizer, text_encoder) in enumerate(
             zip(self.tokenizers, self.text_encoders, strict=True)
@@ -155,7 +166,7 @@ class PromptEncoder:
             with warnings.catch_warnings():
                 if index:  # both tokenizers cut at the same token: warn once
                     warnings.simplefilter("ignore", PromptTruncatedWarning)
-                hidden, pooled_here, cut = encode_texts(
+                hidden, pooled_here, cut = run_text_encoder(
                     tokenizer, text_encoder, texts, what=what, hidden_layer=-2
                 )
             hiddens.append(hidden)

@@ -221,16 +221,25 @@ class AdapterRun:
         from diffusers.optimization import get_scheduler
         from diffusers.training_utils import cast_training_params
 
+        from ..models.loading import vae_dtype
+
         config, acc = self.config, self.accelerator
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
         if components is None:
             components = load_base(config, acc.device, self.weight_dtype)
         else:
-            for model in (components.unet, components.vae, components.text_encoder):
+            for model in (components.unet, *components.text_encoders):
                 model.to(acc.device, self.weight_dtype).eval()
+            vae_in = vae_dtype(components.vae, self.weight_dtype, components.architecture)
+            components.vae.to(acc.device, vae_in).eval()
         c = self.components = components
+        if self.trains_text_encoder and c.text_encoder_2 is not None:
+            raise InvalidArgumentError(
+                "training the text encoders of a Stable Diffusion XL model is not supported yet",
+                "train the UNet adapter only (leave out --train-text-encoder)",
+            )
         self.unet, self.vae, self.text_encoder = c.unet, c.vae, c.text_encoder
-        for model in (self.unet, self.vae, self.text_encoder):
+        for model in (self.unet, self.vae, *c.text_encoders):
             model.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
         self.prediction_type = (

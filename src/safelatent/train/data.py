@@ -119,15 +119,22 @@ def choose_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket 
     return min(fits, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def cover_size(size: tuple[int, int], bucket: Bucket) -> tuple[int, int]:
+    """``(w, h)`` of an image of ``size`` downscaled (never up) to the smallest size covering ``bucket``."""
+    bw, bh = bucket
+    scale = max(bw / size[0], bh / size[1])
+    if scale > 1.0 + 1e-9:
+        raise ValueError(f"image {size} is smaller than bucket {bucket}")
+    if scale >= 1.0 - 1e-9:
+        return size
+    return max(bw, round(size[0] * scale)), max(bh, round(size[1] * scale))
+
+
 def resize_to_cover(image: Image.Image, bucket: Bucket) -> Image.Image:
     """Downscale ``image`` (never up) to the smallest size that covers ``bucket``."""
-    bw, bh = bucket
-    scale = max(bw / image.width, bh / image.height)
-    if scale > 1.0 + 1e-9:
-        raise ValueError(f"image {image.size} is smaller than bucket {bucket}")
-    if scale >= 1.0 - 1e-9:
+    size = cover_size(image.size, bucket)
+    if size == image.size:
         return image
-    size = (max(bw, round(image.width * scale)), max(bh, round(image.height * scale)))
     return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
 
 
@@ -145,12 +152,40 @@ def prepare_pixels(
     image: Image.Image, bucket: Bucket, *, crop: str, flip: bool, generator: torch.Generator | None = None
 ) -> np.ndarray:
     """``uint8 [h, w, 3]``: downscale to cover, crop to the bucket, optionally mirror left-right."""
+    return prepare_pixels_placed(image, bucket, crop=crop, flip=flip, generator=generator)[0]
+
+
+def prepare_pixels_placed(
+    image: Image.Image, bucket: Bucket, *, crop: str, flip: bool, generator: torch.Generator | None = None
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`prepare_pixels` and the example's SDXL micro-conditioning (:func:`micro_conditioning`)."""
     covered = resize_to_cover(image, bucket)
     x, y = crop_offsets(covered.size, bucket, crop, generator)
     out = covered.crop((x, y, x + bucket[0], y + bucket[1]))
     if flip:
         out = ImageOps.mirror(out)
-    return np.array(out, dtype=np.uint8)
+    return np.array(out, dtype=np.uint8), micro_conditioning(image.size, covered.size, (x, y), bucket, flip)
+
+
+def micro_conditioning(
+    original: tuple[int, int], covered: tuple[int, int], offset: tuple[int, int], bucket: Bucket, flip: bool
+) -> list[int]:
+    """SDXL's size/crop conditioning of one training example (Podell et al. 2023, §2.2):
+    ``(h_orig, w_orig, c_top, c_left, h_bucket, w_bucket)`` — the crop corner in the downscaled image's
+    pixels; mirrored images count their left crop from the mirrored side. Sizes are ``(w, h)``."""
+    from ..sampling.conditioning import sdxl_time_ids
+
+    x, y = offset
+    if flip:
+        x = covered[0] - x - bucket[0]
+    return sdxl_time_ids((original[1], original[0]), (y, x), (bucket[1], bucket[0]))
+
+
+def centre_crop_conditioning(example: Example, flip: bool) -> list[int]:
+    """:func:`micro_conditioning` of an example's centre crop (what the latent cache encodes)."""
+    covered = cover_size((example.width, example.height), example.bucket)
+    offset = crop_offsets(covered, example.bucket, "center", None)
+    return micro_conditioning((example.width, example.height), covered, offset, example.bucket, flip)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InvalidArgumentError
+from ..sampling.conditioning import sdxl_time_ids
 from .adapter_run import AdapterRun, run_training, seed_of
 from .checkpoint import TrainPosition
 from .config import EraseTrainConfig
+from .text import TrainingText
 
 __all__ = [
     "ESD_TARGETS",
@@ -121,14 +123,20 @@ class _EraseRun(AdapterRun):
         return hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]
 
     def setup_data(self) -> None:
-        from ..models.tokenizer import tokenize_prompts
-
         config, acc = self.config, self.accelerator
         self.prompts = [config.concept, *config.preserve]
-        ids = tokenize_prompts(self.components.tokenizer, ["", *self.prompts]).input_ids.to(acc.device)
-        with torch.no_grad():
-            hidden = self.text_encoder(ids)[0].to(self.weight_dtype)
+        self.text = TrainingText(self.components, acc.device, trained=False)
+        hidden, pooled = self.text.encode(["", *self.prompts])
+        if self.text.pooled and self.components.force_zeros_for_empty_prompt:
+            hidden[0], pooled[0] = 0.0, 0.0  # SDXL base's unconditional branch, as generation uses it
+        hidden = hidden.to(self.weight_dtype)
         self.uncond_embedding, self.prompt_embeddings = hidden[:1], hidden[1:]
+        self.uncond_pooled = self.prompt_pooled = self.time_ids = None
+        if pooled is not None:
+            self.uncond_pooled, self.prompt_pooled = pooled[:1], pooled[1:]
+            self.time_ids = torch.tensor(
+                [sdxl_time_ids((self.resolution, self.resolution))], device=acc.device
+            )
         cache_file = self.out_dir / "cache" / "esd-pool.safetensors"
         if self.is_main:
             self.pool = self._load_or_build_pool(cache_file)
@@ -147,7 +155,6 @@ class _EraseRun(AdapterRun):
         """The second moment of the frozen text encoder's states for the anchor prompts (the concept's
         own prompts left out)."""
         from ..eval.prompts import load_prompt_set
-        from ..models.tokenizer import tokenize_prompts
 
         config = self.config
         concept = config.concept.strip().lower()
@@ -161,11 +168,9 @@ class _EraseRun(AdapterRun):
                 f"every anchor prompt in {config.anchors!r} names {config.concept!r}",
                 "anchor with a general prompt set (coco, toy-captions)",
             )
-        states = []
-        with torch.no_grad():
-            for start in range(0, len(texts), 64):
-                ids = tokenize_prompts(self.components.tokenizer, texts[start : start + 64]).input_ids
-                states.append(self.text_encoder(ids.to(self.accelerator.device))[0].float())
+        states = [
+            self.text.encode(texts[start : start + 64])[0].float() for start in range(0, len(texts), 64)
+        ]
         self.anchor_prompts = len(texts)
         self.say(f"anchors: {len(texts)} prompts of {config.anchors!r}, λ {config.anchor_weight:g}")
         return anchor_second_moment(torch.cat(states))
@@ -243,9 +248,15 @@ class _EraseRun(AdapterRun):
         x = torch.randn(shape, generator=generator).to(device, self.weight_dtype) * scheduler.init_noise_sigma
         uncond = self.uncond_embedding.expand(n, -1, -1)
         text = torch.cat([uncond, self.prompt_embeddings[p : p + 1].expand(n, -1, -1)])
+        pooled = None
+        if self.prompt_pooled is not None:
+            pooled = torch.cat(
+                [self.uncond_pooled.expand(n, -1), self.prompt_pooled[p : p + 1].expand(n, -1)]
+            )
+        conditioning = self._unet_kwargs(text, pooled)
         for t in scheduler.timesteps:
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_u, eps_c = self.unet(model_in, t.to(device), text).sample.chunk(2)
+            eps_u, eps_c = self.unet(model_in, t.to(device), **conditioning).sample.chunk(2)
             target = esd_target(eps_u, eps_c, config.eta) if p == 0 else eps_c.float()
             yield {
                 "x": x.float().cpu(),
@@ -255,6 +266,11 @@ class _EraseRun(AdapterRun):
             }
             eps = eps_u + config.sample_cfg * (eps_c - eps_u)
             x = scheduler.step(eps, t, x, return_dict=False)[0]
+
+    def _unet_kwargs(self, text: torch.Tensor, pooled: torch.Tensor | None) -> dict:
+        """The UNet's text conditioning for a batch (SDXL: pooled embeddings and the time ids too)."""
+        time_ids = None if self.time_ids is None else self.time_ids.expand(text.shape[0], -1)
+        return self.text.unet_kwargs(text, pooled, time_ids, self.weight_dtype)
 
     def fingerprint(self) -> str:
         return self._pool_key()
@@ -278,11 +294,13 @@ class _EraseRun(AdapterRun):
         x = pool["x"][rows].to(acc.device, self.weight_dtype)
         t = pool["t"][rows].to(acc.device)
         target = pool["target"][rows].to(acc.device)
-        text = self.prompt_embeddings[pool["prompt"][rows].to(acc.device)]
+        prompts = pool["prompt"][rows].to(acc.device)
+        text = self.prompt_embeddings[prompts]
+        pooled = self.prompt_pooled[prompts] if self.prompt_pooled is not None else None
         with contextlib.ExitStack() as stack:
             if not sync:
                 stack.enter_context(acc.no_sync(self.unet))
-            pred = self.unet(x, t, text).sample.float()
+            pred = self.unet(x, t, **self._unet_kwargs(text, pooled)).sample.float()
             per_example = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
             n = config.batch_size
             loss = per_example[:n].mean()

@@ -35,41 +35,11 @@ from .adapter_run import AdapterRun, run_training
 from .checkpoint import TrainPosition
 from .config import LoraTrainConfig
 from .losses import diffusion_loss, diffusion_target, sample_noise
+from .text import TrainingText
 
 __all__ = ["LoraTrainConfig", "train_lora"]
 
-_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2"}
-
-
-class _Text:
-    """Caption → hidden states, through the (possibly trained) text encoder, or from a cache."""
-
-    def __init__(self, tokenizer, text_encoder, device, trained: bool) -> None:
-        self.tokenizer, self.text_encoder, self.device, self.trained = (
-            tokenizer,
-            text_encoder,
-            device,
-            trained,
-        )
-        self.cache: dict[str, torch.Tensor] | None = None
-
-    def encode(self, captions: list[str]) -> torch.Tensor:
-        from ..models.tokenizer import tokenize_prompts
-
-        if self.cache is not None:
-            return torch.stack([self.cache[c] for c in captions])
-        ids = tokenize_prompts(self.tokenizer, captions).input_ids.to(self.device)
-        with contextlib.nullcontext() if self.trained else torch.no_grad():
-            return self.text_encoder(ids)[0]
-
-    def build_cache(self, captions: set[str], batch: int = 64) -> None:
-        ordered = sorted(captions)
-        cache = {}
-        for start in range(0, len(ordered), batch):
-            chunk = ordered[start : start + batch]
-            for caption, hidden in zip(chunk, self.encode(chunk), strict=True):
-                cache[caption] = hidden.detach()
-        self.cache = cache
+_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,7 +81,7 @@ class _ThemeRun(AdapterRun):
         per_epoch = math.ceil(self.order.batches_per_epoch / config.gradient_accumulation)
         self.total_steps = config.epochs * per_epoch if config.epochs else config.steps
 
-        self.text = _Text(c.tokenizer, self.text_encoder, acc.device, self.trains_text_encoder)
+        self.text = TrainingText(c, acc.device, self.trains_text_encoder)
         if config.cache_text:
             self.text.build_cache({e.caption for e in self.examples} | {""})
         self.latent_cache = None
@@ -147,9 +117,9 @@ class _ThemeRun(AdapterRun):
                 self.vae, self.examples, flips=flips, cache_file=cache_file, key=key
             )
 
-    def _pixels(self, index: int, bucket, flip: bool, generator) -> np.ndarray:
-        """Load, downscale, crop and flip one image; a file that fails now is replaced by the next
-        readable image of the same bucket (and counted), never a crash."""
+    def _pixels(self, index: int, bucket, flip: bool, generator) -> tuple[np.ndarray, list[int]]:
+        """Load, downscale, crop and flip one image (with its SDXL micro-conditioning); a file that fails
+        now is replaced by the next readable image of the same bucket (and counted), never a crash."""
         examples = self.examples
         order = [index] + [i for i in range(len(examples)) if i != index and examples[i].bucket == bucket]
         for i in order:
@@ -158,7 +128,9 @@ class _ThemeRun(AdapterRun):
             except Exception:  # any decoder or I/O error: use another image
                 self.summary.skip("failed_in_training", examples[i].path.name)
                 continue
-            return D.prepare_pixels(image, bucket, crop=self.config.crop, flip=flip, generator=generator)
+            return D.prepare_pixels_placed(
+                image, bucket, crop=self.config.crop, flip=flip, generator=generator
+            )
         raise InvalidArgumentError(
             f"no image of bucket {bucket} can be read any more", "check the data folder"
         )
@@ -174,11 +146,11 @@ class _ThemeRun(AdapterRun):
         if self.latent_cache is not None:
             pairs = [self.latent_cache.get(i, f) for i, f in zip(indices, flips, strict=True)]
             mean, std = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            placed = [D.centre_crop_conditioning(e, f) for e, f in zip(examples, flips, strict=True)]
         else:
-            pixels = np.stack(
-                [self._pixels(i, bucket, f, generator) for i, f in zip(indices, flips, strict=True)]
-            )
-            mean, std = D.encode_posterior(self.vae, D.pixels_to_tensor(pixels))
+            loaded = [self._pixels(i, bucket, f, generator) for i, f in zip(indices, flips, strict=True)]
+            placed = [ids for _, ids in loaded]
+            mean, std = D.encode_posterior(self.vae, D.pixels_to_tensor(np.stack([p for p, _ in loaded])))
         latents = D.sample_latents(mean, std, float(self.vae.config.scaling_factor), generator)
         drop = [
             bool(torch.rand((), generator=generator) < config.caption_dropout)
@@ -191,7 +163,8 @@ class _ThemeRun(AdapterRun):
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (len(indices),), generator=generator
         )
-        return latents.to(acc.device), noise.to(acc.device), timesteps.to(acc.device), captions
+        time_ids = torch.tensor(placed, dtype=torch.float32, device=acc.device)
+        return latents.to(acc.device), noise.to(acc.device), timesteps.to(acc.device), captions, time_ids
 
     def next_batch(self, position: TrainPosition) -> list[int]:
         """The next micro-batch's image indices: the data order is a pure function of (seed, epoch)."""
@@ -212,15 +185,16 @@ class _ThemeRun(AdapterRun):
     ) -> torch.Tensor:
         """The diffusion loss of one micro-batch of training images (:mod:`.losses`)."""
         acc = self.accelerator
-        latents, noise, timesteps, captions = self._inputs(indices, generator)
+        latents, noise, timesteps, captions, time_ids = self._inputs(indices, generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         with contextlib.ExitStack() as stack:
             if not sync:
                 for model in self.trained_models:
                     stack.enter_context(acc.no_sync(model))
-            hidden = self.text.encode(captions)
-            pred = self.unet(noisy.to(self.weight_dtype), timesteps, hidden.to(self.weight_dtype)).sample
+            hidden, pooled = self.text.encode(captions)
+            conditioning = self.text.unet_kwargs(hidden, pooled, time_ids, self.weight_dtype)
+            pred = self.unet(noisy.to(self.weight_dtype), timesteps, **conditioning).sample
             loss = diffusion_loss(
                 pred,
                 target,

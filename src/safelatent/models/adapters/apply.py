@@ -20,6 +20,7 @@ would drift in fp16).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import warnings
@@ -37,6 +38,10 @@ from ..offline import offline_mode
 from .formats import COMPONENTS, read_lora
 from .spec import LoraSpec
 from .validate import InjectionPlan, plan_injection
+
+#: adapter names are unique in the process: two pipelines over the same loaded models (or a model
+#: reused after another stack) never collide on a peft adapter name
+_ADAPTER_NUMBERS = itertools.count(1)
 
 __all__ = ["ActiveLora", "LoraStack"]
 
@@ -115,7 +120,6 @@ class LoraStack:
         self._architecture = architecture
         self._active: list[ActiveLora] = []
         self._originals: dict[tuple[str, str], torch.Tensor] | None = None
-        self._counter = 0
 
     @property
     def active(self) -> list[ActiveLora]:
@@ -178,7 +182,6 @@ class LoraStack:
         return self.active
 
     def _entry(self, spec: LoraSpec, plan: InjectionPlan) -> ActiveLora:
-        self._counter += 1
         lora = plan.lora
         return ActiveLora(
             name=spec.display_name,
@@ -188,7 +191,7 @@ class LoraStack:
             format=lora.format,
             trigger_words=tuple(lora.trigger_words),
             components=tuple(c for c in COMPONENTS if c in plan.components),
-            adapter_name=f"safelatent_{self._counter}",
+            adapter_name=f"safelatent_{next(_ADAPTER_NUMBERS)}",
             base_model_hash=lora.base_model_hash,
         )
 
