@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from diffusers import StableDiffusionXLPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -30,3 +30,30 @@ def test_i2p_prompts_on_sdxl_with_and_without_sld(tmp_path, block_network):
     assert block_network == []
     saved = sorted((out / "images").rglob("*.png"))
     assert len(saved) == 8 and {Image.open(p).size for p in saved} == {(64, 64)}  # the model's own size
+
+
+def test_runner_passes_prediction_type_and_vae_to_the_loader(tmp_path, block_network):
+    """``prediction_type`` and ``vae`` (matrix ``[run]`` keys, ``--prediction-type``/``--vae`` flags) reach
+    the loader for every model of the run and are pinned in ``run.json``."""
+    parts = build_tiny_sd("sd2", seed=0)
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None).save_pretrained(
+        tmp_path / "sd2"
+    )
+    parts["vae"].save_pretrained(tmp_path / "vae")
+    matrix = tmp_path / "matrix.toml"
+    matrix.write_text(
+        '[run]\nprompts = "i2p"\nlimit = 1\nimages_per_prompt = 1\nbatch = 1\nsteps = 2\n'
+        'classifiers = ["nudenet"]\nmodel = "sd2"\nprediction_type = "epsilon"\nvae = "vae"\n'
+        "[configs.baseline]\n"
+    )
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["eval", "--matrix", str(matrix), "--out", str(out), "--device", "cpu", "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    protocol = json.loads((out / "run.json").read_text())["protocol"]
+    assert protocol["prediction_type"] == "epsilon" and protocol["vae"] == str(tmp_path / "vae")
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+    bad = CliRunner().invoke(app, ["eval", "--prediction-type", "x0", "--out", str(tmp_path / "bad"), "-q"])
+    assert bad.exit_code == 2 and "unknown prediction_type 'x0'" in bad.output
+    assert block_network == []

@@ -81,6 +81,16 @@ def register(app: typer.Typer) -> None:
         model: Annotated[
             Path | None, typer.Option("--model", "-m", help="Local SD folder or file (default: toy model).")
         ] = None,
+        prediction_type: Annotated[
+            str | None,
+            typer.Option(
+                help="epsilon | v_prediction | sample: overrides the model's (an SD 2.x 512 single file needs"
+                " epsilon)."
+            ),
+        ] = None,
+        vae: Annotated[
+            Path | None, typer.Option(help="Replace the VAE with a diffusers VAE folder (fp16-safe SDXL).")
+        ] = None,
         sld: Annotated[
             str, typer.Option(help="Configurations: SLD presets, comma separated (off = baseline).")
         ] = "off",
@@ -172,6 +182,8 @@ def register(app: typer.Typer) -> None:
                 limit=limit,
                 prompt_column=prompt_column,
                 model=str(model) if model else None,
+                prediction_type=prediction_type,
+                vae=str(vae) if vae else None,
                 images_per_prompt=images_per_prompt,
                 batch=batch,
                 steps=steps,

@@ -125,6 +125,10 @@ class EvalSettings:
     limit: int | None = None
     prompt_column: str | None = None
     model: str | None = None
+    #: for every model of the run: what it predicts (an SD 2.x 512 single file needs ``"epsilon"``) and a
+    #: replacement VAE folder (e.g. the fp16-safe SDXL VAE); ``None``: the model's own
+    prediction_type: str | None = None
+    vae: str | None = None
     images_per_prompt: int = 10
     batch: int = 5
     steps: int = 50
@@ -153,6 +157,13 @@ class EvalSettings:
         if str(self.prompts).lower().endswith(".csv") and prompts.is_file():
             # absolute, so that `safelatent report` finds the prompts from any working directory
             object.__setattr__(self, "prompts", str(prompts.resolve()))
+        from ..sampling.prediction import PREDICTION_TYPES
+
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise InvalidArgumentError(
+                f"unknown prediction_type {self.prediction_type!r}",
+                f"use one of {', '.join(PREDICTION_TYPES)}",
+            )
         for key in ("inception", "fid_reference"):  # absolute, for the report too
             value = getattr(self, key)
             object.__setattr__(self, key, str(Path(str(value)).expanduser().resolve()) if value else None)
@@ -231,6 +242,8 @@ _RUN_FIELDS = {
     "limit": int,
     "prompt_column": str,
     "model": str,
+    "prediction_type": str,
+    "vae": str,
     "images_per_prompt": int,
     "batch": int,
     "steps": int,
@@ -284,7 +297,7 @@ def parse_matrix(text: str, *, source: str = "<string>", base_dir: Path | None =
         values["classifiers"] = reader.string_list(run, "run", "classifiers")
     if "guidance_scale" in values:
         values["guidance_scale"] = float(values["guidance_scale"])
-    for key in ("model", "q16_clip", "clip", "reference_images", "inception", "fid_reference"):
+    for key in ("model", "vae", "q16_clip", "clip", "reference_images", "inception", "fid_reference"):
         if key in values:
             values[key] = _path(values[key], base_dir)
     if "prompts" in values and values["prompts"].endswith(".csv"):

@@ -169,8 +169,9 @@ class _Models:
     """Loaded pipelines by model path (one at a time: configurations of the same model share it and
     swap adapters with ``set_loras``)."""
 
-    def __init__(self, device: str | None) -> None:
+    def __init__(self, device: str | None, settings: EvalSettings) -> None:
         self.device = device
+        self.load_options = {"prediction_type": settings.prediction_type, "vae": settings.vae}
         self.key: str | None = None
         self.pipe = None
 
@@ -180,7 +181,7 @@ class _Models:
         key = str(model)
         if self.pipe is None or key != self.key:
             self.pipe = None
-            self.pipe = api.load(model, device=self.device, policy=POLICY, compile=None)
+            self.pipe = api.load(model, device=self.device, policy=POLICY, compile=None, **self.load_options)
             self.key = key
         return self.pipe
 
@@ -355,7 +356,7 @@ def run_eval(
         from .quality import QualityScorer
 
         quality = QualityScorer(settings.clip, reference_dir=settings.reference_images, device=device)
-    models = _Models(device)
+    models = _Models(device, settings)
     bar = progress_bar(rate_unit="img") if progress else None
     with ResultStore(shard_store_path(out_dir, shard)) as store:
         feature_files = _FeatureFiles(out_dir, shard)
