@@ -59,11 +59,12 @@ def build_sdxl(tiny: bool, device: str, dtype: torch.dtype) -> StableDiffusionCo
         values.update(TINY.get(name, {}) if tiny else {})
         return {k: v for k, v in values.items() if k not in ("architectures", "torch_dtype")}
 
+    cast = torch.nn.Module.to  # diffusers' ModelMixin.to warns about fp32-pinned modules it has none of
     torch.manual_seed(0)
     with torch.device(device):
-        unet = UNet2DConditionModel(**config("unet")).to(dtype)
+        unet = cast(UNet2DConditionModel(**config("unet")), dtype)
         vae = AutoencoderKL(**config("vae"))
-        vae.to(vae_dtype(vae, dtype, "sdxl"))
+        cast(vae, vae_dtype(vae, dtype, "sdxl"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**config("text_encoder"))).to(dtype)
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config("text_encoder_2"))).to(dtype)
     for model in (unet, vae, text_encoder, text_encoder_2):
