@@ -32,7 +32,7 @@ def test_i2p_prompts_on_sdxl_with_and_without_sld(tmp_path, block_network):
     assert len(saved) == 8 and {Image.open(p).size for p in saved} == {(64, 64)}  # the model's own size
 
 
-def test_runner_passes_prediction_type_and_vae_to_the_loader(tmp_path, block_network):
+def test_runner_passes_prediction_type_and_vae_to_the_loader(tmp_path, block_network, monkeypatch):
     """``prediction_type`` and ``vae`` (matrix ``[run]`` keys, ``--prediction-type``/``--vae`` flags) reach
     the loader for every model of the run and are pinned in ``run.json``."""
     parts = build_tiny_sd("sd2", seed=0)

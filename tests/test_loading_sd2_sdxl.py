@@ -23,6 +23,7 @@ from safelatent.models.components import StableDiffusionComponents
 from safelatent.models.detect import detect_single_file
 from safelatent.models.loading import load_components
 from safelatent.models.shipped import load_component_config
+from safelatent.output import parameters_text
 
 PROMPT = "a lighthouse on a cliff"
 
@@ -165,28 +166,34 @@ def test_vae_override_and_fp16_upcast(tmp_path):
         load_components(path, config_dir=configs, vae=tmp_path / "nowhere")
 
 
-def _meta_sdxl_shapes() -> dict[str, tuple[int, ...]]:
-    """The key → shape map of a full-size SDXL base single file, from the shipped configs on the meta
-    device (nothing allocated)."""
+def _meta_shapes(architecture: str) -> dict[str, tuple[int, ...]]:
+    """The key → shape map of a full-size single file of ``architecture``, from the shipped configs on
+    the meta device (nothing allocated)."""
+    names = {"sdxl": ("text_encoder", "text_encoder_2"), "sd2": ("text_encoder",)}[architecture]
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(load_component_config("sdxl", "unet"))
-        vae = AutoencoderKL.from_config(load_component_config("sdxl", "vae"))
+        unet = UNet2DConditionModel.from_config(load_component_config(architecture, "unet"))
+        vae = AutoencoderKL.from_config(load_component_config(architecture, "vae"))
         encoders = []
-        for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        for name in names:
             config = {
-                k: v
-                for k, v in load_component_config("sdxl", name).items()
-                if k not in ("architectures", "torch_dtype")
+                k: v for k, v in load_component_config(architecture, name).items() if k != "architectures"
             }
+            cls = CLIPTextModelWithProjection if name == "text_encoder_2" else CLIPTextModel
             encoders.append(cls(CLIPTextConfig(**config)))
-    state = components_to_ldm(unet, vae, encoders[0], text_encoder_2=encoders[1], architecture="sdxl")
+    state = components_to_ldm(
+        unet,
+        vae,
+        encoders[0],
+        text_encoder_2=encoders[1] if len(encoders) > 1 else None,
+        architecture=architecture,
+    )
     return {key: tuple(value.shape) for key, value in state.items()}
 
 
 def test_full_size_sdxl_single_file_fp16_loads_offline(tmp_path, block_network):
     """SDXL base at its real shapes (2.6 B UNet + 0.8 B text encoders + VAE, 6.9 GB in fp16), in the
     original key layout with random fp16 weights, loads from the shipped configs with sockets blocked."""
-    shapes = _meta_sdxl_shapes()
+    shapes = _meta_shapes("sdxl")
     path = write_random_safetensors(tmp_path / "sd_xl_base_1.0.safetensors", shapes, dtype=torch.float16)
     loaded = load_components(path, dtype="fp16")
     path.unlink()
@@ -222,3 +229,51 @@ def test_generate_cli_takes_prediction_type_and_vae(tmp_path, block_network):
     result = CliRunner().invoke(app, [*args, "--prediction-type", "x0"])
     assert result.exit_code == 2 and "x0" in result.output
     assert block_network == []
+
+
+def test_full_size_sd2_single_file_with_openclips_unused_last_layer(tmp_path, block_network):
+    """SD 2.x files hold all 24 OpenCLIP-H layers, ``text_projection`` and ``logit_scale``; SD 2 conditions on
+    the penultimate layer, so the shipped text encoder has 23 layers and the rest is left out (diffusers'
+    ``SD_2_TEXT_ENCODER_KEYS_TO_IGNORE``)."""
+    shapes = _meta_shapes("sd2")
+    prefix = "cond_stage_model.model.transformer.resblocks."
+    for key in [k for k in shapes if k.startswith(prefix + "22.")]:
+        shapes[key.replace(prefix + "22.", prefix + "23.")] = shapes[key]
+    shapes["cond_stage_model.model.text_projection"] = (1024, 1024)
+    shapes["cond_stage_model.model.logit_scale"] = ()
+    path = write_random_safetensors(tmp_path / "v2-1_768-ema-pruned.safetensors", shapes, dtype=torch.float16)
+    loaded = load_components(path, dtype="fp16")
+    path.unlink()
+    assert loaded.architecture == "sd2" and loaded.text_encoder.config.num_hidden_layers == 23
+    assert loaded.scheduler.config.prediction_type == "v_prediction" and Pipeline(loaded).default_size == 768
+    assert loaded.vae.dtype == torch.float16  # only SDXL's VAE is kept in float32
+    assert block_network == []
+
+
+def test_unclip_and_foreign_vaes_are_refused_and_a_swapped_vae_is_recorded(tmp_path):
+    unclip = {
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2048),
+        "cond_stage_model.model.ln_final.weight": (1024,),
+    }
+    with pytest.raises(ModelFormatError, match=r"class-conditioned Stable Diffusion 2\.x UNet"):
+        detect_single_file(unclip, "sd21-unclip-h.safetensors")
+    parts = build_tiny_sd("sdxl", seed=1)
+    path = write_ldm_checkpoint(
+        tmp_path / "xl.safetensors",
+        parts["unet"],
+        parts["vae"],
+        parts["text_encoder"],
+        text_encoder_2=parts["text_encoder_2"],
+        architecture="sdxl",
+    )
+    configs = write_tiny_config_dir(tmp_path / "configs", "sdxl")
+    sd15_vae = AutoencoderKL.from_config({**dict(parts["vae"].config), "scaling_factor": 0.18215})
+    sd15_vae.save_pretrained(tmp_path / "sd15-vae")
+    with pytest.raises(ModelFormatError, match=r"other scaling_factor.*0\.18215 vs 0\.13025"):
+        load_components(path, config_dir=configs, vae=tmp_path / "sd15-vae")
+    parts["vae"].save_pretrained(tmp_path / "xl-vae")
+    loaded = load_components(path, config_dir=configs, vae=tmp_path / "xl-vae")
+    result = Pipeline(loaded).generate("a lighthouse", num_inference_steps=2, seed=1, width=64, height=64)
+    assert result.settings.vae == {"path": str(tmp_path / "xl-vae"), "hash": loaded.extra["vae_hash"]}
+    assert f"VAE hash: {loaded.extra['vae_hash']}, VAE: xl-vae" in parameters_text(result, 0)

@@ -136,3 +136,44 @@ def test_erasure_on_sdxl(tmp_path):
     keys = load_file(summary["lora_file"]).keys()
     assert keys and all(".attn2." in k for k in keys)
     assert np.abs(_images(_components(), [summary["lora_file"]]) - before).max() > 1e-4
+
+
+def test_a_wrapped_text_encoder_is_called_through_its_wrapper():
+    """After ``accelerate.prepare`` on several GPUs the trained text encoder is a DDP wrapper: it has no
+    ``config`` of its own, and must be called as the wrapper so gradients synchronise."""
+    components = _components()
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    text = TrainingText(components, torch.device("cpu"), trained=True)
+    text.text_encoder = Wrapper(components.text_encoder)
+    hidden, pooled = text.encode(["a lighthouse"])
+    assert text.text_encoder.calls == 1 and hidden.shape == (1, 77, 64) and pooled.shape == (1, 32)
+
+
+def test_training_loads_the_base_with_prediction_type_and_vae(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from safelatent.train.adapter_run import load_base
+
+    parts = build_tiny_sd("sd2", seed=0)
+    StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None).save_pretrained(
+        tmp_path / "sd2"
+    )
+    parts["vae"].save_pretrained(tmp_path / "vae")
+    config = EraseTrainConfig(
+        out_dir=str(tmp_path / "out"), concept="a lighthouse", model=str(tmp_path / "sd2"),
+        prediction_type="epsilon", vae=str(tmp_path / "vae"),
+    )  # fmt: skip
+    components = load_base(config, torch.device("cpu"), torch.float32)
+    assert components.scheduler.config.prediction_type == "epsilon"  # the folder's says v_prediction
+    assert components.extra["vae"] == str(tmp_path / "vae")
+    with pytest.raises(InvalidArgumentError, match="prediction_type"):
+        train_erase(EraseTrainConfig(out_dir=str(tmp_path / "bad"), concept="x", prediction_type="x0"))

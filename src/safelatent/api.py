@@ -47,6 +47,7 @@ from .sampling.conditioning import PromptEncoder, build_conditioning, sdxl_time_
 from .sampling.fast import CompiledUNet, FastPathConfig, resolve_compile
 from .sampling.guidance import ClassifierFreeGuidance, Guidance, NoGuidance, SafeLatentGuidance
 from .sampling.loop import StepCallback, decode_latents, sample
+from .sampling.prediction import prediction_type_of
 from .sampling.schedulers import make_scheduler, sampler_label, scheduler_name
 from .sampling.sld_presets import DEFAULT_SAFETY_CONCEPT, SLDConfig, get_sld_preset
 
@@ -72,6 +73,10 @@ class GenerationSettings:
     model: str
     model_hash: str
     architecture: str
+    #: what the model predicts (SD 2.x 768: ``v_prediction``)
+    prediction_type: str = "epsilon"
+    #: a VAE that replaced the model's (``load(vae=...)``): its folder and hash (A1111's "VAE hash")
+    vae: dict[str, str] | None = None
     safelatent_version: str = __version__
     #: active LoRA adapters: name, path, weight, hash (A1111 autov3), format, trigger_words
     loras: list[dict[str, Any]] = field(default_factory=list)
@@ -558,6 +563,8 @@ class Pipeline:
             model=c.source,
             model_hash=c.model_hash,
             architecture=c.architecture,
+            prediction_type=prediction_type_of(sampler),
+            vae={"path": c.extra["vae"], "hash": c.extra["vae_hash"]} if "vae_hash" in c.extra else None,
             loras=[lora.as_dict() for lora in self.loras],
             policy={
                 "name": decisions[0].policy,

@@ -60,6 +60,8 @@ def parameters_text(result: GenerationResult, index: int) -> str:
         ("Model hash", s.model_hash),
         ("Model", Path(s.model).stem),
     ]
+    if s.vae:
+        pairs += [("VAE hash", s.vae["hash"]), ("VAE", Path(s.vae["path"]).name)]
     if s.loras:
         pairs += [
             ("Lora hashes", ", ".join(f"{_lora_name(lora)}: {lora['hash']}" for lora in s.loras)),

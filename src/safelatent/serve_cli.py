@@ -79,6 +79,16 @@ def serve(
     model_config: Annotated[
         str | None, typer.Option("--model-config", help="config folder for a single-file checkpoint")
     ] = None,
+    prediction_type: Annotated[
+        str | None,
+        typer.Option(
+            "--prediction-type",
+            help="epsilon | v_prediction | sample (default: the model's; SD 2.x 512 single files: epsilon)",
+        ),
+    ] = None,
+    vae: Annotated[
+        str | None, typer.Option("--vae", help="diffusers VAE folder replacing the model's (fp16-safe SDXL)")
+    ] = None,
     policy: Annotated[
         str | None,
         typer.Option("--policy", help="policy file or shipped name (default: toy for the toy model)"),
@@ -120,6 +130,8 @@ def serve(
     settings = ServeSettings(
         model=model,
         model_config=model_config,
+        prediction_type=prediction_type,
+        vae=vae,
         policy=policy,
         adapters=adapters,
         keys_db=keys_db,

@@ -50,6 +50,14 @@ _ModelOption = Annotated[
     _opt("Base model: diffusers folder or checkpoint file (default: the toy model).", _RUN, "--model", "-m"),
 ]
 _ModelConfigOption = Annotated[Path | None, _opt("Config folder for a single-file model of other widths.")]
+_PredictionTypeOption = Annotated[
+    str | None,
+    _opt("epsilon or v_prediction: what the model predicts (default: its scheduler's; an SD 2.x 512 single"
+         " file needs epsilon).", _OBJ),
+]  # fmt: skip
+_VaeOption = Annotated[
+    Path | None, _opt("A diffusers VAE folder replacing the model's (fp16-safe SDXL VAE).")
+]
 _RankOption = Annotated[int | None, _opt("LoRA rank r (default 4).", _LORA)]
 _StepsOption = Annotated[int | None, _opt("Optimizer steps (default 1000).", _OPT)]
 _LearningRateOption = Annotated[
@@ -85,6 +93,7 @@ def lora(
         Path | None, _opt("TOML file of settings (flags override it).", _RUN, "--config", "-c")
     ] = None,
     model_config: _ModelConfigOption = None,
+    vae: _VaeOption = None,
     name: Annotated[str | None, _opt("Name of the kohya export (default: the --out folder's name).")] = None,
     # data
     trigger: Annotated[str | None, _opt("Trigger word prepended to every caption.", _DATA)] = None,
@@ -150,9 +159,7 @@ def lora(
         _opt("Trade compute for memory.", _OPT, "--gradient-checkpointing/--no-gradient-checkpointing"),
     ] = None,
     # objective
-    prediction_type: Annotated[
-        str | None, _opt("epsilon or v_prediction (default: the model's).", _OBJ)
-    ] = None,
+    prediction_type: _PredictionTypeOption = None,
     min_snr_gamma: Annotated[float | None, _opt("Min-SNR-γ weighting; 0 = off (default 5).", _OBJ)] = None,
     noise_offset: Annotated[float | None, _opt("Noise offset (default 0; 0.05–0.1 typical).", _OBJ)] = None,
     # run
@@ -186,6 +193,7 @@ def lora(
         data_dir=None if data_dir is None else str(data_dir),
         model=None if model is None else str(model),
         model_config=None if model_config is None else str(model_config),
+        vae=None if vae is None else str(vae),
         unet_targets=_split(unet_targets),
         text_encoder_targets=_split(text_encoder_targets),
         validation_prompts=validation_prompt or None,
@@ -223,6 +231,8 @@ def erase(
         ),
     ] = None,
     model_config: _ModelConfigOption = None,
+    vae: _VaeOption = None,
+    prediction_type: _PredictionTypeOption = None,
     variant: Annotated[
         str | None,
         _opt("x: cross-attention (ESD-x, default); kv: its keys/values only; u: all else (ESD-u).", _ERASE),
@@ -285,6 +295,7 @@ def erase(
         out_dir=None if out is None else str(out),
         model=None if model is None else str(model),
         model_config=None if model_config is None else str(model_config),
+        vae=None if vae is None else str(vae),
         validation_prompts=validation_prompt or None,
         preserve=preserve or None,
     )

@@ -192,6 +192,14 @@ def detect_single_file(
     architecture = _architecture_of(keys, shapes, source)
     prefixes_of = ARCHITECTURE_PREFIXES[architecture or "sd15"]
     present = tuple(c for c, prefix in prefixes_of.items() if any(k.startswith(prefix) for k in keys))
+    if architecture in ("sd15", "sd2") and any(
+        k.startswith("model.diffusion_model.label_emb.") for k in keys
+    ):
+        raise ModelFormatError(
+            f"{source} is recognised as a class-conditioned {ARCHITECTURE_NAMES[architecture]} UNet "
+            "(label_emb keys: SD 2.1 unCLIP or an upscaler), which is not supported",
+            "use a text-to-image Stable Diffusion 1.x, 2.x or SDXL base checkpoint",
+        )
     if architecture is None or not present:
         if any(k.startswith(_DIFFUSERS_UNET_KEYS) for k in keys):
             raise ModelFormatError(

@@ -117,7 +117,7 @@ def load_components(
     overrides the scheduler's; an SD 2.x single file does not record it, and is taken as the 768-px
     v-prediction model unless ``prediction_type="epsilon"`` (the 512-px base model). ``vae`` replaces the
     VAE with a diffusers VAE folder (``config.json`` + weights), e.g. an fp16-safe SDXL VAE; a VAE whose
-    config says ``force_upcast`` runs in float32 when ``dtype`` is half precision. The models are returned
+    config says ``force_upcast`` runs in float32 when ``dtype`` is float16. The models are returned
     in ``eval()`` mode with gradients off, on ``device`` in ``dtype``.
 
     Raises :class:`ModelNotFoundError` (no such path; hub ids are never resolved),
@@ -183,13 +183,22 @@ def _replace_vae(
 
     vae = _from_pretrained(AutoencoderKL, folder, "vae", dtype)
     _check_finite(vae.state_dict().items(), str(folder))
-    if tuple(vae.config.block_out_channels) != tuple(components.vae.config.block_out_channels) or int(
-        vae.config.latent_channels
-    ) != int(components.vae.config.latent_channels):
+    theirs, ours = vae.config, components.vae.config
+    fits = {
+        "block_out_channels": tuple(theirs.block_out_channels) == tuple(ours.block_out_channels),
+        "latent_channels": int(theirs.latent_channels) == int(ours.latent_channels),
+        # the latent scale tells the families apart (SD 1.x/2.x 0.18215, SDXL 0.13025): a VAE of another
+        # family would decode at the wrong scale without any error
+        "scaling_factor": float(theirs.scaling_factor) == float(ours.scaling_factor),
+        "shift_factor": (getattr(theirs, "shift_factor", None) or 0.0)
+        == (getattr(ours, "shift_factor", None) or 0.0),
+    }
+    misfit = [name for name, ok in fits.items() if not ok]
+    if misfit:
         raise ModelFormatError(
-            f"the VAE in {folder} does not fit this {components.architecture} model (other widths or latent "
-            "channels)",
-            "use a VAE made for this model family",
+            f"the VAE in {folder} does not fit this {components.architecture} model (other "
+            f"{', '.join(misfit)}: e.g. scaling_factor {theirs.scaling_factor} vs {ours.scaling_factor})",
+            "use a VAE made for this model family (an SDXL VAE for SDXL, an SD 1.x/2.x VAE for those)",
         )
     components.vae = _finalize(vae, device, vae_dtype(vae, dtype, components.architecture))
     components.extra["vae"] = str(folder)
@@ -568,14 +577,14 @@ def _load_folder(
 
 
 def vae_dtype(vae: torch.nn.Module, dtype: torch.dtype, architecture: str) -> torch.dtype:
-    """The dtype the VAE runs in: float32 when an SDXL VAE asks for it in half precision.
+    """The dtype the VAE runs in: float32 when an SDXL VAE asks for it in float16.
 
     SDXL's VAE overflows in fp16 (its config says ``force_upcast: true``; diffusers' SDXL pipeline upcasts
     it to decode); an fp16-safe VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``, ``force_upcast: false``,
     passed as ``vae=``) runs in fp16. SD 1.x/2.x VAEs run in ``dtype``, as in diffusers'
     ``StableDiffusionPipeline`` (their configs omit ``force_upcast``, whose class default is true)."""
     upcast = architecture == "sdxl" and getattr(vae.config, "force_upcast", False)
-    if dtype in (torch.float16, torch.bfloat16) and upcast:
+    if dtype == torch.float16 and upcast:  # bf16 has float32's range: no overflow, as in diffusers
         return torch.float32
     return dtype
 

@@ -112,9 +112,10 @@ def run_text_encoder(tokenizer, text_encoder, texts: list[str], *, what: str = "
             )
             warnings.warn(message, PromptTruncatedWarning, stacklevel=3)
             messages.append(message)
-    device = text_encoder.device
+    inner = getattr(text_encoder, "module", text_encoder)  # a DDP-wrapped encoder (training) is called
+    device = inner.device  # as the wrapper, so gradients synchronise, but has no config of its own
     attention_mask = None
-    if getattr(text_encoder.config, "use_attention_mask", False):
+    if getattr(inner.config, "use_attention_mask", False):
         attention_mask = (tokens.input_ids != tokenizer.pad_token_id).long().to(device)
     output = text_encoder(
         tokens.input_ids.to(device),

@@ -144,11 +144,15 @@ def sample(
 
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode latents to images in ``[0, 1]``, ``[N, H, W, 3]`` float32 on the CPU."""
+    """VAE-decode latents to images in ``[0, 1]``, ``[N, H, W, 3]`` float32 on the CPU.
+
+    Runs in the VAE's own dtype even inside an autocast region (validation images during mixed-precision
+    training): an SDXL VAE kept in float32 because it overflows in fp16 must not be autocast back."""
     latents = latents.to(dtype=vae.dtype) / vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None)
     if shift:
         latents = latents + shift
-    image = vae.decode(latents, return_dict=False)[0]
+    with torch.autocast(device_type=latents.device.type, enabled=False):
+        image = vae.decode(latents, return_dict=False)[0]
     image = (image / 2 + 0.5).clamp(0, 1)
     return image.float().permute(0, 2, 3, 1).cpu()

@@ -22,6 +22,8 @@ import torch
 from ..errors import InvalidArgumentError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+#: the smallest ᾱ_t at which ε-space guidance is mapped back (SD's own schedules end near 0.0047)
+MIN_ALPHA_BAR = 1e-6
 
 
 def prediction_type_of(scheduler) -> str:
@@ -53,10 +55,13 @@ def check_convertible(alpha_bars: list[float], prediction_type: str) -> None:
 
     With zero terminal SNR (``rescale_betas_zero_snr``, ᾱ = 0 at the first step) ε equals ``x_t`` whatever
     the model predicts, so ε-space guidance carries no information and ``v = (ε − σ x_t)/α`` divides by 0.
+    Euler-type schedulers clamp that ᾱ to 2⁻²⁴ ≈ 6e-8 instead, which only hides the division: every ᾱ below
+    :data:`MIN_ALPHA_BAR` is refused.
     """
-    blocked = {"v_prediction": lambda a: a <= 0.0, "sample": lambda a: a <= 0.0 or a >= 1.0}.get(
-        prediction_type
-    )
+    blocked = {
+        "v_prediction": lambda a: a < MIN_ALPHA_BAR,
+        "sample": lambda a: a < MIN_ALPHA_BAR or a > 1.0 - MIN_ALPHA_BAR,
+    }.get(prediction_type)
     if blocked is None:
         return
     bad = [index for index, value in enumerate(alpha_bars) if blocked(value)]

@@ -511,6 +511,8 @@ def create_app(
                 device=settings.device,
                 config_dir=settings.model_config,
                 policy=settings.policy_name,
+                prediction_type=settings.prediction_type,
+                vae=settings.vae,
             )
             for _ in range(settings.limits.concurrency)
         ]

@@ -51,6 +51,10 @@ class ServeSettings:
 
     model: str | None = None
     model_config: str | None = None
+    #: passed to the loader: what the model predicts (an SD 2.x 512 single file needs ``epsilon``) and a
+    #: replacement VAE folder (e.g. the fp16-safe SDXL VAE)
+    prediction_type: str | None = None
+    vae: str | None = None
     policy: str | None = None
     adapters: dict[str, Path] = field(default_factory=dict)
     keys_db: Path | None = None

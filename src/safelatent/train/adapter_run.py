@@ -83,7 +83,14 @@ def load_base(config: AdapterTrainConfig, device, dtype):
             raise InvalidArgumentError(
                 "no --model given and the toy model is not installed", "pass --model PATH"
             )
-    return load_components(model, device=device, dtype=dtype, config_dir=config.model_config)
+    return load_components(
+        model,
+        device=device,
+        dtype=dtype,
+        config_dir=config.model_config,
+        prediction_type=config.prediction_type,
+        vae=config.vae,
+    )
 
 
 def add_lora(model, targets: list[str] | str, config: AdapterTrainConfig, what: str) -> None:

@@ -28,7 +28,7 @@ CROPS = ("center", "random")
 LORA_INITS = ("gaussian", "default")
 DEVICES = ("auto", "cpu", "cuda")
 #: Fields that are paths (resolved against a TOML file's folder).
-PATH_FIELDS = ("data_dir", "out_dir", "model", "model_config")
+PATH_FIELDS = ("data_dir", "out_dir", "model", "model_config", "vae")
 #: Settings that may change between a run and its resume (they do not affect the weights).
 RESUME_MUTABLE = (
     "resume",
@@ -61,8 +61,14 @@ class AdapterTrainConfig:
     out_dir: str = ""
     #: a diffusers folder or one checkpoint file; ``None`` = the toy model that ships in the package
     model: str | None = None
-    #: diffusers-layout config folder for a single-file checkpoint whose widths differ from SD 1.5
+    #: diffusers-layout config folder for a single-file checkpoint whose widths differ from its family's
     model_config: str | None = None
+    #: what the model predicts (``epsilon`` / ``v_prediction``), overriding its scheduler config — the
+    #: training target, and the sampler of validation images and erasure trajectories; ``None`` = the
+    #: model's own (an SD 2.x 512 single file needs ``epsilon``: a single file does not record it)
+    prediction_type: str | None = None
+    #: a diffusers VAE folder replacing the model's (e.g. the fp16-safe SDXL VAE)
+    vae: str | None = None
     name: str | None = None
     #: training side length in pixels; ``None`` = the model's default size
     resolution: int | None = None
@@ -141,8 +147,6 @@ class LoraTrainConfig(AdapterTrainConfig):
     #: when set, ``steps`` = epochs × optimizer steps per epoch
     epochs: int | None = None
     # objective
-    #: ``None`` = the model's own (its scheduler config)
-    prediction_type: str | None = None
     #: Min-SNR-γ weighting; ``None`` or 0 = plain MSE
     min_snr_gamma: float | None = 5.0
     noise_offset: float = 0.0
@@ -295,6 +299,7 @@ def validate(config: TrainConfig) -> None:
 
 def _validate_common(config: AdapterTrainConfig) -> None:
     _check(bool(config.out_dir), "no output folder given", "pass --out DIR (or out_dir in --config)")
+    _check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES, optional=True)
     _check(config.rank >= 1, f"rank must be ≥ 1, got {config.rank}", "typical values are 4–64")
     _check(
         config.alpha is None or (math.isfinite(config.alpha) and config.alpha > 0),
@@ -363,7 +368,6 @@ def _validate_theme(config: LoraTrainConfig) -> None:
         "e.g. ['q_proj', 'k_proj', 'v_proj', 'out_proj']",
     )
     _check_choice("crop", config.crop, CROPS)
-    _check_choice("prediction_type", config.prediction_type, PREDICTION_TYPES, optional=True)
     _check(config.caption_ext.startswith("."), f"caption_ext must start with '.', got {config.caption_ext!r}")
     _check(
         not (config.cache_text and config.train_text_encoder),
