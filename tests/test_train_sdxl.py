@@ -109,13 +109,36 @@ def test_lora_training_passes_pooled_text_and_time_ids(tmp_path, cache_latents):
     assert np.abs(_images(shared, [summary["kohya_file"]]) - adapted).max() < 1e-5
 
 
-def test_text_encoder_training_on_sdxl_is_refused(tmp_path):
+def test_text_encoder_loras_on_both_sdxl_encoders(tmp_path):
+    """``train_text_encoder`` on SDXL trains a LoRA on both text encoders: diffusers' SDXL file layout
+    (``text_encoder.`` + ``text_encoder_2.``), kohya's ``lora_te1_``/``lora_te2_``, the same images from
+    either, and a resumed run restores both."""
     data = tmp_path / "data"
     data.mkdir()
-    write_png(data / "0.png", 64, 64)
-    config = tiny_config(data, tmp_path / "out", resolution=64, train_text_encoder=True)
-    with pytest.raises(InvalidArgumentError, match="text encoders of a Stable Diffusion XL model"):
-        train_lora(config, components=_components())
+    for i, (w, h) in enumerate(SIZES):
+        write_png(data / f"{i}.png", w, h, seed=i)
+        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    components = _components()
+    before = _images(components)
+    settings = {
+        "steps": 2, "batch_size": 3, "resolution": 64, "train_text_encoder": True, "export_kohya": True,
+        "learning_rate": 5e-2, "checkpoint_steps": 1,
+    }  # fmt: skip
+    summary = train_lora(tiny_config(data, tmp_path / "out", **settings), components=components)
+    keys = load_file(summary["lora_file"]).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    kohya = load_file(summary["kohya_file"]).keys()
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    shared = _components()
+    adapted = _images(shared, [summary["lora_file"]])
+    assert np.abs(adapted - before).max() > 1e-3
+    assert np.abs(_images(shared, [summary["kohya_file"]]) - adapted).max() < 1e-5
+    resumed = train_lora(
+        tiny_config(data, tmp_path / "out", resume=True, **settings), components=_components()
+    )
+    restored = load_file(resumed["lora_file"])
+    for key, value in load_file(summary["lora_file"]).items():
+        torch.testing.assert_close(restored[key], value, rtol=0, atol=0, msg=key)
 
 
 def test_erasure_on_sdxl(tmp_path):

@@ -189,6 +189,14 @@ class AdapterRun:
     def trains_text_encoder(self) -> bool:
         return bool(getattr(self.config, "train_text_encoder", False))
 
+    def trained_text_encoders(self) -> list[tuple[str, torch.nn.Module]]:
+        """``(component, model)`` of every text encoder with a trained LoRA: none, ``text_encoder``, or
+        (SDXL) both ``text_encoder`` and ``text_encoder_2`` — as prepared by ``accelerate`` once it has."""
+        if not self.trains_text_encoder:
+            return []
+        names = ["text_encoder"] + (["text_encoder_2"] if self.text_encoder_2 is not None else [])
+        return [(name, getattr(self, name)) for name in names]
+
     def unet_targets(self) -> list[str] | str:
         """The UNet modules the LoRA adapts (suffixes, or one regular expression)."""
         raise NotImplementedError
@@ -240,12 +248,9 @@ class AdapterRun:
             vae_in = vae_dtype(components.vae, self.weight_dtype, components.architecture)
             components.vae.to(acc.device, vae_in).eval()
         c = self.components = components
-        if self.trains_text_encoder and c.text_encoder_2 is not None:
-            raise InvalidArgumentError(
-                "training the text encoders of a Stable Diffusion XL model is not supported yet",
-                "train the UNet adapter only (leave out --train-text-encoder)",
-            )
         self.unet, self.vae, self.text_encoder = c.unet, c.vae, c.text_encoder
+        #: SDXL's second text encoder (``None`` for SD 1.x/2.x); with ``train_text_encoder`` both train
+        self.text_encoder_2 = c.text_encoder_2
         for model in (self.unet, self.vae, *c.text_encoders):
             model.requires_grad_(False)
         self.noise_scheduler = DDPMScheduler.from_config(c.scheduler.config)
@@ -258,17 +263,18 @@ class AdapterRun:
         add_lora(self.unet, self.unet_targets(), config, "UNet")
         if self.trains_text_encoder:
             add_lora(self.text_encoder, config.text_encoder_targets, config, "text encoder")
+            if self.text_encoder_2 is not None:
+                add_lora(self.text_encoder_2, config.text_encoder_targets, config, "second text encoder")
         # the global generator drives LoRA dropout only: a stream of its own for each process
         torch.manual_seed(seed_of([config.seed, 0xD40, acc.process_index]))
-        trained = [self.unet] + ([self.text_encoder] if self.trains_text_encoder else [])
+        trained = [self.unet] + [model for _, model in self.trained_text_encoders()]
         cast_training_params(trained, dtype=torch.float32)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if self.trains_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
-        self.unet.train()
-        if self.trains_text_encoder:
-            self.text_encoder.train()
+            for _, model in self.trained_text_encoders():
+                model.gradient_checkpointing_enable()
+        for model in trained:
+            model.train()
         self.resolution = config.resolution or int(self.unet.config.sample_size) * c.vae_scale_factor
 
         self.setup_data()
@@ -277,7 +283,7 @@ class AdapterRun:
             {"params": [p for p in self.unet.parameters() if p.requires_grad], "lr": config.learning_rate}
         ]
         if self.trains_text_encoder:
-            params = [p for p in self.text_encoder.parameters() if p.requires_grad]
+            params = [p for _, m in self.trained_text_encoders() for p in m.parameters() if p.requires_grad]
             groups.append({"params": params, "lr": config.text_encoder_lr or config.learning_rate})
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = make_optimizer(config, groups, acc.device, self.say)
@@ -287,13 +293,12 @@ class AdapterRun:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=self.total_steps,
         )
-        if self.trains_text_encoder:
-            self.unet, self.text_encoder, self.optimizer = acc.prepare(
-                self.unet, self.text_encoder, self.optimizer
-            )
-        else:
-            self.unet, self.optimizer = acc.prepare(self.unet, self.optimizer)
-        self.trained_models = [self.unet] + ([self.text_encoder] if self.trains_text_encoder else [])
+        names = [name for name, _ in self.trained_text_encoders()]
+        prepared = acc.prepare(self.unet, *(getattr(self, name) for name in names), self.optimizer)
+        self.unet, self.optimizer = prepared[0], prepared[-1]
+        for name, model in zip(names, prepared[1:-1], strict=True):
+            setattr(self, name, model)
+        self.trained_models = [self.unet] + [model for _, model in self.trained_text_encoders()]
         self.prepared()
 
     def describe(self) -> str:
@@ -327,9 +332,7 @@ class AdapterRun:
             what, hint = self.fingerprint_changed
             raise InvalidArgumentError(f"cannot resume {latest}: {what}", hint)
         acc = self.accelerator
-        parts = [("unet.", self.unet)] + (
-            [("text_encoder.", self.text_encoder)] if self.trains_text_encoder else []
-        )
+        parts = [("unet.", self.unet)] + [(f"{name}.", model) for name, model in self.trained_text_encoders()]
         for prefix, model in parts:
             state = {k[len(prefix) :]: v for k, v in ckpt.lora.items() if k.startswith(prefix)}
             result = set_peft_model_state_dict(acc.unwrap_model(model), state)
@@ -388,19 +391,15 @@ class AdapterRun:
         import dataclasses
 
         acc = self.accelerator
-        unet, text_encoder = acc.unwrap_model(self.unet).eval(), acc.unwrap_model(self.text_encoder).eval()
-        return dataclasses.replace(self.components, unet=unet, text_encoder=text_encoder)
+        trained = {"unet": acc.unwrap_model(self.unet).eval()}
+        trained.update({name: acc.unwrap_model(model).eval() for name, model in self.trained_text_encoders()})
+        return dataclasses.replace(self.components, **trained)
 
     def lora_tensors(self) -> dict[str, torch.Tensor]:
         acc = self.accelerator
         out = {f"unet.{k}": v for k, v in lora_state_dict(acc.unwrap_model(self.unet)).items()}
-        if self.trains_text_encoder:
-            out.update(
-                {
-                    f"text_encoder.{k}": v
-                    for k, v in lora_state_dict(acc.unwrap_model(self.text_encoder)).items()
-                }
-            )
+        for name, model in self.trained_text_encoders():
+            out.update({f"{name}.{k}": v for k, v in lora_state_dict(acc.unwrap_model(model)).items()})
         return out
 
     def checkpoint(self, position: TrainPosition) -> None:
@@ -446,11 +445,13 @@ class AdapterRun:
     def save(self, steps: int, seconds: float) -> tuple[Path, Path | None]:
         acc, config = self.accelerator, self.config
         unet = acc.unwrap_model(self.unet)
-        te_lora, te_meta = None, None
-        if self.trains_text_encoder:
-            text_encoder = acc.unwrap_model(self.text_encoder)
-            te_lora = canonical_text_encoder_keys(lora_state_dict(text_encoder), text_encoder)
-            te_meta = adapter_metadata(text_encoder)
+        text_loras: dict[str, dict[str, torch.Tensor]] = {}
+        text_meta: dict[str, dict[str, Any]] = {}
+        for name, model in self.trained_text_encoders():
+            text_encoder = acc.unwrap_model(model)
+            text_loras[name] = canonical_text_encoder_keys(lora_state_dict(text_encoder), text_encoder)
+            text_meta[name] = adapter_metadata(text_encoder)
+        te_lora, te_meta = text_loras.get("text_encoder"), text_meta.get("text_encoder")
         unet_lora = lora_state_dict(unet)
         meta = {**self.metadata(steps), "training_seconds": round(seconds, 1)}
         main = save_diffusers_lora(
@@ -459,6 +460,8 @@ class AdapterRun:
             unet_metadata=adapter_metadata(unet),
             text_encoder_lora=te_lora,
             text_encoder_metadata=te_meta,
+            text_encoder_2_lora=text_loras.get("text_encoder_2"),
+            text_encoder_2_metadata=text_meta.get("text_encoder_2"),
             safelatent_metadata=meta,
         )
         kohya = None
@@ -468,6 +471,8 @@ class AdapterRun:
                 self.out_dir / f"{config.output_name}_kohya.safetensors",
                 unet_lora=unet_lora,
                 text_encoder_lora=te_lora,
+                text_encoder_2_lora=text_loras.get("text_encoder_2"),
+                sdxl=self.components.architecture == "sdxl",
                 rank=config.rank,
                 alpha=config.lora_alpha,
                 kohya_metadata=kohya_meta,

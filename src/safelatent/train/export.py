@@ -65,25 +65,42 @@ def save_diffusers_lora(
     unet_metadata: dict[str, Any],
     text_encoder_lora: dict[str, torch.Tensor] | None = None,
     text_encoder_metadata: dict[str, Any] | None = None,
+    text_encoder_2_lora: dict[str, torch.Tensor] | None = None,
+    text_encoder_2_metadata: dict[str, Any] | None = None,
     safelatent_metadata: dict[str, Any],
     weight_name: str = DIFFUSERS_WEIGHT_NAME,
 ) -> Path:
-    """Write the diffusers-format file with diffusers' own writer, then add the ``safelatent`` header
-    entry (``save_lora_weights`` takes no custom metadata, so the file is re-written once, atomically,
-    with the same tensors and diffusers' header entries unchanged)."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    """Write the diffusers-format file with diffusers' own writer (``StableDiffusionLoraLoaderMixin``,
+    or ``StableDiffusionXLLoraLoaderMixin`` when SDXL's second text encoder has a LoRA), then add the
+    ``safelatent`` header entry (``save_lora_weights`` takes no custom metadata, so the file is re-written
+    once, atomically, with the same tensors and diffusers' header entries unchanged)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".lora-") as tmp:
-        StableDiffusionLoraLoaderMixin.save_lora_weights(
-            tmp,
-            unet_lora_layers=unet_lora,
-            text_encoder_lora_layers=text_encoder_lora or None,
-            unet_lora_adapter_metadata=unet_metadata,
-            text_encoder_lora_adapter_metadata=text_encoder_metadata if text_encoder_lora else None,
-            safe_serialization=True,
-        )
+        text = {
+            "text_encoder_lora_layers": text_encoder_lora or None,
+            "text_encoder_lora_adapter_metadata": text_encoder_metadata if text_encoder_lora else None,
+        }
+        if text_encoder_2_lora:
+            StableDiffusionXLLoraLoaderMixin.save_lora_weights(
+                tmp,
+                unet_lora_layers=unet_lora,
+                unet_lora_adapter_metadata=unet_metadata,
+                text_encoder_2_lora_layers=text_encoder_2_lora,
+                text_encoder_2_lora_adapter_metadata=text_encoder_2_metadata,
+                safe_serialization=True,
+                **text,
+            )
+        else:
+            StableDiffusionLoraLoaderMixin.save_lora_weights(
+                tmp,
+                unet_lora_layers=unet_lora,
+                unet_lora_adapter_metadata=unet_metadata,
+                safe_serialization=True,
+                **text,
+            )
         written = Path(tmp) / DIFFUSERS_WEIGHT_NAME
         with safe_open(str(written), "pt") as f:
             metadata = dict(f.metadata() or {})
@@ -100,17 +117,22 @@ def to_kohya(
     unet_lora: dict[str, torch.Tensor],
     text_encoder_lora: dict[str, torch.Tensor] | None,
     alpha: float,
+    text_encoder_2_lora: dict[str, torch.Tensor] | None = None,
+    *,
+    sdxl: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """kohya-ss keys via diffusers' ``convert_state_dict_to_kohya``, with two fixes for SD 1.x files:
-    the text encoder prefix is ``lora_te_`` (diffusers writes SDXL's ``lora_te1_``), and ``.alpha`` is
-    the trained α (diffusers writes the rank, which is only right when α = rank)."""
+    """kohya-ss keys via diffusers' ``convert_state_dict_to_kohya``, with two fixes: an SD 1.x/2.x file's
+    text encoder prefix is ``lora_te_`` (diffusers writes SDXL's ``lora_te1_``; SDXL files keep
+    ``lora_te1_``/``lora_te2_``), and ``.alpha`` is the trained α (diffusers writes the rank, which is
+    only right when α = rank)."""
     from diffusers.utils import convert_state_dict_to_kohya
 
     peft = {f"unet.{k}": v for k, v in unet_lora.items()}
     peft.update({f"text_encoder.{k}": v for k, v in (text_encoder_lora or {}).items()})
+    peft.update({f"text_encoder_2.{k}": v for k, v in (text_encoder_2_lora or {}).items()})
     out = {}
     for key, value in convert_state_dict_to_kohya(peft).items():
-        if key.startswith("lora_te1_"):
+        if key.startswith("lora_te1_") and not sdxl:
             key = "lora_te_" + key[len("lora_te1_") :]
         if key.endswith(".alpha"):
             value = torch.tensor(float(alpha), dtype=torch.float32)
@@ -127,10 +149,12 @@ def save_kohya_lora(
     alpha: float,
     kohya_metadata: dict[str, str],
     safelatent_metadata: dict[str, Any],
+    text_encoder_2_lora: dict[str, torch.Tensor] | None = None,
+    sdxl: bool = False,
 ) -> Path:
     """Write the kohya-ss / AUTOMATIC1111 file (atomically)."""
     path = Path(path)
-    tensors = to_kohya(unet_lora, text_encoder_lora, alpha)
+    tensors = to_kohya(unet_lora, text_encoder_lora, alpha, text_encoder_2_lora, sdxl=sdxl)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),

@@ -90,7 +90,7 @@ class _ThemeRun(AdapterRun):
 
     def prepared(self) -> None:
         if self.trains_text_encoder:
-            self.text.text_encoder = self.text_encoder
+            self.text.text_encoder, self.text.text_encoder_2 = self.text_encoder, self.text_encoder_2
 
     def describe(self) -> str:
         return f"{super().describe()}, {len(self.buckets)} bucket(s)"

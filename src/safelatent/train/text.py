@@ -20,7 +20,8 @@ class TrainingText:
 
     def __init__(self, components, device, trained: bool) -> None:
         self.components, self.device, self.trained = components, device, trained
-        self.text_encoder = components.text_encoder
+        #: replaced by the ``accelerate``-prepared models when they train
+        self.text_encoder, self.text_encoder_2 = components.text_encoder, components.text_encoder_2
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None
 
     @property
@@ -32,7 +33,7 @@ class TrainingText:
         c = self.components
         if c.text_encoder_2 is None:
             return PromptEncoder((c.tokenizer,), (self.text_encoder,))
-        return PromptEncoder((c.tokenizer, c.tokenizer_2), (self.text_encoder, c.text_encoder_2))
+        return PromptEncoder((c.tokenizer, c.tokenizer_2), (self.text_encoder, self.text_encoder_2))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(hidden [B, context, d], pooled [B, d_pool] or None)`` for ``captions``."""
