@@ -100,7 +100,6 @@ _EXPECTED = (
     "(VAE) and cond_stage_model.transformer.* (SD 1.x), cond_stage_model.model.* (SD 2.x) or "
     "conditioner.embedders.0/1.* (SDXL base) text encoders"
 )
-_EXPECTED_SD1 = _EXPECTED
 
 _IN_CHANNEL_VARIANTS = {
     9: "an inpainting model (9 UNet input channels)",

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ...errors import InvalidWeightsError, ModelFormatError
+from ..detect import ARCHITECTURE_NAMES
 from .formats import LoraFile
 
 __all__ = ["ComponentPlan", "InjectionPlan", "plan_injection"]
@@ -35,13 +36,8 @@ _CONTEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 20
 _TEXT_WIDTHS = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x"}
 #: SDXL's second text encoder (OpenCLIP bigG) is 1280 wide.
 _TEXT_2_WIDTHS = {1280: "Stable Diffusion XL"}
-#: Architecture ids (``safelatent.models.shipped.SHIPPED_ARCHITECTURES``) → the family name errors use.
-_FAMILIES = {
-    "sd15": "Stable Diffusion 1.x",
-    "sd2": "Stable Diffusion 2.x",
-    "sd2-base": "Stable Diffusion 2.x",
-    "sdxl": "Stable Diffusion XL",
-}
+#: Architecture ids → the family name errors use (the loader's names).
+_FAMILIES = ARCHITECTURE_NAMES
 
 
 @dataclass(frozen=True)
