@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from sld_speed import time_calls
 
 from safelatent.api import Pipeline
 from safelatent.models.components import StableDiffusionComponents
@@ -85,27 +84,6 @@ def build_sdxl(tiny: bool, device: str, dtype: torch.dtype) -> StableDiffusionCo
     )
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def time_calls(call, repeats: int, device: str) -> dict:
-    """One warm-up call, then the median of ``repeats`` timed calls; peak GPU GiB; the last images."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    call()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        images = call()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
-    return {"seconds_per_call": statistics.median(times), "peak_gib": peak, "images": images}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -148,11 +126,14 @@ def main() -> None:
             height=size, width=size, generator=torch.Generator("cpu").manual_seed(1), output_type="np",
         ).images  # fmt: skip
 
-    rows = {
-        "diffusers plain": time_calls(theirs, args.repeats, args.device),
-        "safelatent plain": time_calls(ours(None), args.repeats, args.device),
-        "safelatent SLD medium": time_calls(ours("medium"), args.repeats, args.device),
-    }
+    rows = {}
+    for name, call in (
+        ("diffusers plain", theirs),
+        ("safelatent plain", ours(None)),
+        ("safelatent SLD medium", ours("medium")),
+    ):
+        _, median, peak, images = time_calls(call, args.repeats, args.device)  # first call: warm-up
+        rows[name] = {"seconds_per_call": median, "peak_gib": peak, "images": images}
     difference = np.abs(
         rows["safelatent plain"]["images"].astype(np.float64) - np.asarray(rows["diffusers plain"]["images"])
     )

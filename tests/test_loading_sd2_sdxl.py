@@ -143,11 +143,8 @@ def test_missing_second_text_encoder_is_named(tmp_path):
         load_components(path, config_dir=write_tiny_config_dir(tmp_path / "c", "sdxl"))
 
 
-def test_vae_override_and_fp16_upcast(tmp_path):
-    """``vae=`` swaps in a diffusers VAE folder; SDXL's VAE (force_upcast) stays float32 in fp16, an
-    fp16-safe VAE (force_upcast false) runs in fp16."""
-    parts = build_tiny_sd("sdxl", seed=1)
-    path = write_ldm_checkpoint(
+def _tiny_sdxl_file(tmp_path, parts):
+    return write_ldm_checkpoint(
         tmp_path / "xl.safetensors",
         parts["unet"],
         parts["vae"],
@@ -155,6 +152,13 @@ def test_vae_override_and_fp16_upcast(tmp_path):
         text_encoder_2=parts["text_encoder_2"],
         architecture="sdxl",
     )
+
+
+def test_vae_override_and_fp16_upcast(tmp_path):
+    """``vae=`` swaps in a diffusers VAE folder; SDXL's VAE (force_upcast) stays float32 in fp16, an
+    fp16-safe VAE (force_upcast false) runs in fp16."""
+    parts = build_tiny_sd("sdxl", seed=1)
+    path = _tiny_sdxl_file(tmp_path, parts)
     configs = write_tiny_config_dir(tmp_path / "configs", "sdxl")
     half = load_components(path, config_dir=configs, dtype="fp16")
     assert half.unet.dtype == torch.float16 and half.vae.dtype == torch.float32
@@ -259,14 +263,7 @@ def test_unclip_and_foreign_vaes_are_refused_and_a_swapped_vae_is_recorded(tmp_p
     with pytest.raises(ModelFormatError, match=r"class-conditioned Stable Diffusion 2\.x UNet"):
         detect_single_file(unclip, "sd21-unclip-h.safetensors")
     parts = build_tiny_sd("sdxl", seed=1)
-    path = write_ldm_checkpoint(
-        tmp_path / "xl.safetensors",
-        parts["unet"],
-        parts["vae"],
-        parts["text_encoder"],
-        text_encoder_2=parts["text_encoder_2"],
-        architecture="sdxl",
-    )
+    path = _tiny_sdxl_file(tmp_path, parts)
     configs = write_tiny_config_dir(tmp_path / "configs", "sdxl")
     sd15_vae = AutoencoderKL.from_config({**dict(parts["vae"].config), "scaling_factor": 0.18215})
     sd15_vae.save_pretrained(tmp_path / "sd15-vae")

@@ -39,6 +39,15 @@ def _components(seed: int = 0) -> StableDiffusionComponents:
     )
 
 
+def _write_data(data):
+    """One captioned PNG per size in :data:`SIZES`."""
+    data.mkdir()
+    for i, (w, h) in enumerate(SIZES):
+        write_png(data / f"{i}.png", w, h, seed=i)
+        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    return data
+
+
 def _record_unet_calls(unet) -> list[dict]:
     calls: list[dict] = []
 
@@ -75,11 +84,7 @@ def test_micro_conditioning_of_crops_and_flips():
 
 @pytest.mark.parametrize("cache_latents", [False, True], ids=["pixels", "latent-cache"])
 def test_lora_training_passes_pooled_text_and_time_ids(tmp_path, cache_latents):
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, (w, h) in enumerate(SIZES):
-        write_png(data / f"{i}.png", w, h, seed=i)
-        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    data = _write_data(tmp_path / "data")
     components = _components()
     before = _images(components)
     calls = _record_unet_calls(components.unet)
@@ -113,11 +118,7 @@ def test_text_encoder_loras_on_both_sdxl_encoders(tmp_path):
     """``train_text_encoder`` on SDXL trains a LoRA on both text encoders: diffusers' SDXL file layout
     (``text_encoder.`` + ``text_encoder_2.``), kohya's ``lora_te1_``/``lora_te2_``, the same images from
     either, and a resumed run restores both."""
-    data = tmp_path / "data"
-    data.mkdir()
-    for i, (w, h) in enumerate(SIZES):
-        write_png(data / f"{i}.png", w, h, seed=i)
-        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    data = _write_data(tmp_path / "data")
     components = _components()
     before = _images(components)
     settings = {
